@@ -1,0 +1,17 @@
+# The app alone; `docker compose up` adds PostgreSQL (see compose.yaml).
+FROM python:3.11-slim-bookworm
+
+WORKDIR /app
+COPY requirements.txt .
+RUN pip install --no-cache-dir -r requirements.txt
+
+COPY app.py schema.sql index.html ./
+RUN useradd --system --no-create-home --uid 10001 newsletter
+USER 10001
+
+ENV HOST=0.0.0.0 PORT=8000 PYTHONUNBUFFERED=1
+EXPOSE 8000
+# No curl in a slim image: Python itself asks /healthz (503 while the listener is down).
+HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
+  CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen(f'http://127.0.0.1:{os.environ[\"PORT\"]}/healthz', timeout=2)"]
+CMD ["python", "app.py"]
