@@ -1,10 +1,8 @@
 """Live newsletter: PostgreSQL LISTEN/NOTIFY to Server-Sent Events, in one file.
 
-  writer (page, API or psql) --INSERT/UPDATE/DELETE--> newsletters table
-    trigger: a new version, in commit order, and NOTIFY newsletters (no payload)
-  one LISTEN connection per process --SELECT ... WHERE version > head, once-->
-    each change encoded once as an SSE frame, kept in a small in-memory log
-  every GET /events stream --the frames after its own cursor--> EventSource
+  a write (page, API or psql) -> trigger: a new version, in commit order, and NOTIFY (no payload)
+  -> one LISTEN connection per process -> SELECT ... WHERE version > head, once, each change encoded once
+  -> every GET /events stream sends the frames after its own cursor -> the browser's EventSource
 
 Run it:  python app.py          (or DATABASE_URL=postgresql://user@host/db python app.py)
 Try it:  psql -c "INSERT INTO newsletters (title, content) VALUES ('Hello', 'from psql')"
@@ -12,10 +10,9 @@ Try it:  psql -c "INSERT INTO newsletters (title, content) VALUES ('Hello', 'fro
 from gevent import monkey
 monkey.patch_all()  # first of all: sockets, select() and sleep() must yield to other greenlets
 
-import collections, contextlib, hmac, ipaddress, itertools, json, logging, os, re, resource, signal, socket, sys
-from select import select  # patched by gevent: waits on the listener's socket without blocking others
+import collections, contextlib, hmac, itertools, json, logging, os, re, resource, select, signal, socket, sys
 
-import bottle, gevent, gevent.event, gevent.queue, psycopg2, psycopg2.errors, psycopg2.extras
+import bottle, gevent, gevent.event, gevent.lock, gevent.queue, psycopg2, psycopg2.errors, psycopg2.extras
 from bottle import abort, request, response
 from gevent.pywsgi import WSGIServer
 from gevent.socket import wait_read, wait_write
@@ -28,8 +25,7 @@ PORT = int(os.environ.get("PORT", "8000"))
 WRITE_TOKEN = os.environ.get("WRITE_TOKEN", "")    # set: writes need "Authorization: Bearer <token>"
 POOL_SIZE = 4          # connections for request handlers; the listener holds one more
 DB_TIMEOUT = 5         # seconds one database round trip may take before the connection counts as dead
-CHECK_EVERY = 5        # seconds the listener waits for a NOTIFY before it looks anyway
-PING_EVERY = 15        # seconds of silence before a stream sends a comment, so proxies keep it open
+CHECK_EVERY = 15       # seconds the listener waits for a NOTIFY before it looks anyway; quiet streams ping then
 CLIENT_TIMEOUT = 30    # seconds a client may take to send a request or accept a write, then it is dropped
 LOG_SIZE = 1000        # recently changed rows kept in memory, so resuming clients cost no query
 NEWEST = 100           # live newsletters a new client gets before "ready"
@@ -41,13 +37,10 @@ log = logging.getLogger("newsletter")
 # ---- database ---------------------------------------------------------------
 def wait(conn):
     """psycopg2 wait callback: let other greenlets run while a query waits on the network."""
-    # psycogreen's loop, plus a deadline: a network path that silently drops
-    # packets would otherwise leave a query waiting forever.
+    # psycogreen's loop, plus a deadline: a silently dropped network path would leave a query waiting forever.
     while (state := conn.poll()) != POLL_OK:
-        if state not in (POLL_READ, POLL_WRITE):
-            raise psycopg2.OperationalError(f"unexpected poll state {state}")
         late = psycopg2.OperationalError(f"no answer from the database within {DB_TIMEOUT}s")
-        (wait_read if state == POLL_READ else wait_write)(conn.fileno(), DB_TIMEOUT, late)
+        {POLL_READ: wait_read, POLL_WRITE: wait_write}[state](conn.fileno(), DB_TIMEOUT, late)  # else KeyError
 
 psycopg2.extensions.set_wait_callback(wait)  # every query below, the listener's included, now yields
 
@@ -56,7 +49,7 @@ def connect():
     return psycopg2.connect(DATABASE_URL, fallback_application_name="newsletter",
                             cursor_factory=psycopg2.extras.RealDictCursor)
 
-pool = gevent.queue.Queue(items=[None] * POOL_SIZE)  # idle request connections; None: not opened yet
+pool = gevent.queue.LifoQueue(items=[None] * POOL_SIZE)  # idle request connections, warmest first; None: not opened yet
 
 def query(sql, *args):
     """All rows of one statement, in its own transaction on a pooled connection; a database that is down is a 503."""
@@ -65,13 +58,15 @@ def query(sql, *args):
     except gevent.queue.Empty:
         abort(503, "every database connection is busy; try again shortly")
     try:
+        if conn and readable(conn, 0):  # an idle connection says nothing unless the server hung up
+            conn.close()  # (a restart, a killed backend): don't hand out a connection that is sure to fail
         conn = conn if conn and not conn.closed else connect()
         with conn, conn.cursor() as cur:
             cur.execute(sql, args)
             return cur.fetchall()
     except psycopg2.errors.CheckViolation as e:  # schema.sql names each rule after its message
         abort(400, e.diag.constraint_name)
-    except ValueError:  # psycopg2 refuses to send NUL characters and unpaired surrogates
+    except ValueError:  # psycopg2 will not send a NUL character or an unpaired surrogate
         abort(400, "text must not contain NUL characters or unpaired surrogates")
     except (psycopg2.OperationalError, psycopg2.InterfaceError) as e:
         conn = conn and conn.close()  # broken or mid-query: the next borrower opens a fresh one
@@ -79,6 +74,11 @@ def query(sql, *args):
         abort(503, "the database is unavailable; try again shortly")
     finally:
         pool.put(conn if conn and not conn.closed else None)
+
+def readable(conn, timeout):
+    """Whether the server has sent something, waiting at most timeout seconds (poll: select() stops at fd 1024)."""
+    (probe := select.poll()).register(conn, select.POLLIN)
+    return bool(probe.poll(timeout * 1000))
 
 def to_json(value):
     """JSON text; timestamps become ISO 8601 with their offset."""
@@ -92,11 +92,10 @@ def frame(row):
 # ---- schema -----------------------------------------------------------------
 def apply_schema():
     """Create or update table and triggers; return the newest version, where the listener starts."""
-    with contextlib.closing(connect()) as conn, conn.cursor() as cur:
-        conn.autocommit = True  # the session lock below must outlive the schema's own transaction
+    with contextlib.closing(connect()) as conn, conn, conn.cursor() as cur:  # one transaction, committed at the end
         cur.execute("SELECT pg_advisory_lock(hashtext('newsletters_schema'))")  # processes starting together take turns
         with open(os.path.join(HERE, "schema.sql")) as f:
-            cur.execute(f.read())  # one multi-statement query runs as one transaction
+            cur.execute(f.read())
         cur.execute("SELECT coalesce(max(version), 0) AS v FROM newsletters")
         return cur.fetchone()["v"]
 
@@ -104,7 +103,7 @@ def apply_schema():
 head = 0                            # newest version this process has read
 floor = 0                           # the log holds every change after this version
 recent = collections.OrderedDict()  # row id -> (version, frame): each recent row's newest state, in version order
-news = gevent.event.Event()         # set, then replaced, after every batch
+news = gevent.event.Event()         # set, then replaced, after every read of the table
 listening = False                   # /healthz answers 503 while this is False
 clients = 0                         # open streams
 
@@ -114,16 +113,14 @@ def fetch(conn):
     with conn.cursor() as cur:
         cur.execute(f"SELECT {COLUMNS} FROM newsletters WHERE version > %s ORDER BY version", (head,))
         rows = cur.fetchall()
-    if not rows:
-        return
     for row in rows:
         recent.pop(row["id"], None)  # a row's older state is superseded: the table holds only the newest
         recent[row["id"]] = (row["version"], frame(row))
     while len(recent) > LOG_SIZE:
         floor = recent.popitem(last=False)[1][0]
-    head = rows[-1]["version"]
+    head = rows[-1]["version"] if rows else head
     woken, news = news, gevent.event.Event()
-    woken.set()
+    woken.set()  # also when nothing changed: then quiet streams send a ping
 
 def listen():
     """Forever: connect, LISTEN, catch up, then read changes whenever the doorbell rings."""
@@ -136,12 +133,11 @@ def listen():
                 conn.cursor().execute("LISTEN newsletters")
                 fetch(conn)  # after LISTEN: a change committed in between is read now, or rings later
                 listening, delay = True, 0.5
-                while True:  # the doorbell, or CHECK_EVERY: that query also catches a missed
-                    # notification and proves the connection alive (the wait callback gives it a deadline)
-                    if select([conn], [], [], CHECK_EVERY)[0]:
+                while True:  # wait for the doorbell, at most CHECK_EVERY: then the query catches a missed ring
+                    if readable(conn, CHECK_EVERY):
                         conn.poll()
                         conn.notifies.clear()  # the table is the truth: many rings, one query
-                    fetch(conn)
+                    fetch(conn)  # a query with a deadline (the wait callback): it also proves the connection alive
         except Exception as e:  # outermost loop: log it, back off, reconnect, catch up
             listening = False
             log.warning("listener lost the database (%s); reconnecting in %.1fs", first_line(e), delay)
@@ -157,12 +153,18 @@ def since(cursor):
     rows = query(f"SELECT {COLUMNS} FROM newsletters WHERE version > %s ORDER BY version", cursor)
     return b"".join(map(frame, rows)), rows[-1]["version"] if rows else cursor
 
+first_page, first_page_lock = (-1, b""), gevent.lock.Semaphore()  # (version, the newest live newsletters then)
+
 def snapshot():
     """A new client's start: the newest live newsletters as of head; what changed since follows from the log."""
-    cursor = head  # read once: the query below yields, and head may move meanwhile
-    rows = query(f"SELECT * FROM (SELECT {COLUMNS} FROM newsletters WHERE NOT deleted AND version <= %s"
-                 " ORDER BY id DESC LIMIT %s) AS newest ORDER BY version", cursor, NEWEST)
-    return b"".join(map(frame, rows)), cursor
+    global first_page
+    with first_page_lock:  # a storm of new clients waits for one query instead of each sending its own
+        if first_page[0] != head:
+            cursor = head  # read once: the query yields, and head may move meanwhile
+            rows = query(f"SELECT * FROM (SELECT {COLUMNS} FROM newsletters WHERE NOT deleted AND version <= %s"
+                         " ORDER BY id DESC LIMIT %s) AS newest ORDER BY version", cursor, NEWEST)
+            first_page = (cursor, b"".join(map(frame, rows)))
+        return first_page[1], first_page[0]
 
 # ---- routes -----------------------------------------------------------------
 app = bottle.Bottle()
@@ -176,10 +178,9 @@ app.default_error_handler = json_error
 @app.hook("before_request")
 def authorize():
     """Answers are JSON unless a route says otherwise; with WRITE_TOKEN set, writes need it as a bearer token."""
-    response.content_type = "application/json"
-    given = request.get_header("Authorization", "").encode("latin-1")  # WSGI headers are latin-1 text
-    if WRITE_TOKEN and request.method in ("POST", "PUT", "DELETE") and \
-            not hmac.compare_digest(given, b"Bearer " + WRITE_TOKEN.encode()):
+    response.content_type = "application/json"  # (the raw header below: Bottle's decoded one fails on bad bytes)
+    if WRITE_TOKEN and request.method in ("POST", "PUT", "DELETE") and not hmac.compare_digest(
+            request.environ.get("HTTP_AUTHORIZATION", "").encode("latin-1"), b"Bearer " + WRITE_TOKEN.encode()):
         abort(401, "writing needs the header Authorization: Bearer <WRITE_TOKEN>")
 
 def read_newsletter():
@@ -188,8 +189,8 @@ def read_newsletter():
         abort(413, "the request body is too large")
     try:
         data = json.loads(request.body.read())
-    except (ValueError, RecursionError):
-        abort(400, 'the body must be JSON: {"title": "...", "content": "..."}')
+    except (ValueError, RecursionError, OSError):  # OSError: the body did not arrive within CLIENT_TIMEOUT
+        abort(400, 'the body must be complete JSON: {"title": "...", "content": "..."}')
     if not isinstance(data, dict) or not all(isinstance(data.get(k), str) for k in ("title", "content")):
         abort(400, "the body must be a JSON object with string fields title and content")
     return data["title"].strip(), data["content"]  # the table's constraints check the rest
@@ -197,8 +198,8 @@ def read_newsletter():
 @app.get("/")
 def index():
     """The page, allowed nothing from other origins."""
-    csp = "default-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; frame-ancestors 'none'"
-    return bottle.static_file("index.html", root=HERE, headers={"Content-Security-Policy": csp})
+    return bottle.static_file("index.html", root=HERE, headers={"Content-Security-Policy": "default-src 'self';"
+        " style-src 'unsafe-inline'; script-src 'unsafe-inline'; img-src data:; frame-ancestors 'none'"})
 
 @app.get("/newsletters")
 def list_newsletters():
@@ -206,19 +207,14 @@ def list_newsletters():
     limit, before = request.query.limit or "50", request.query.before or "999999999999999999"
     if not re.fullmatch(r"0*[1-9][0-9]{0,3}", limit) or not re.fullmatch(r"[0-9]{1,18}", before):
         abort(400, "limit must be a whole number from 1 to 200, before an id")
-    limit = min(int(limit), 200)
-    rows = query(f"SELECT {COLUMNS} FROM newsletters WHERE NOT deleted AND id < %s ORDER BY id DESC LIMIT %s",
-                 int(before), limit + 1)
-    if len(rows) > limit:
-        response.set_header("Link", f'</newsletters?limit={limit}&before={rows[limit - 1]["id"]}>; rel="next"')
-    return to_json(rows[:limit])
+    return to_json(query(f"SELECT {COLUMNS} FROM newsletters WHERE NOT deleted AND id < %s ORDER BY id DESC"
+                         " LIMIT %s", int(before), min(int(limit), 200)))
 
 @app.post("/newsletters")
 def publish():
     """A new newsletter; open pages learn of it through the trigger, like any other write."""
     row = query(f"INSERT INTO newsletters (title, content) VALUES (%s, %s) RETURNING {COLUMNS}", *read_newsletter())[0]
-    response.status = 201
-    response.set_header("Location", f"/newsletters/{row['id']}")
+    response.status, response["Location"] = 201, f"/newsletters/{row['id']}"
     return to_json(row)
 
 @app.put("/newsletters/<nid:re:[0-9]{1,18}>")  # any other id, negative or beyond bigint: no route, 404
@@ -231,33 +227,34 @@ def edit(nid):
 @app.delete("/newsletters/<nid:re:[0-9]{1,18}>")
 def delete(nid):
     """Delete a newsletter, leaving a tombstone (as a psql DELETE does, through the trigger)."""
-    if not query("UPDATE newsletters SET deleted = true WHERE id = %s AND NOT deleted RETURNING id", int(nid)):
-        abort(404, "no such newsletter")
-    response.status = 204
+    found = query("UPDATE newsletters SET deleted = true WHERE id = %s AND NOT deleted RETURNING id", int(nid))
+    response.status = 204 if found else abort(404, "no such newsletter")
 
 @app.get("/events")
 def events():
     """The change stream: catch-up from the client's cursor, "ready", then every change as it commits."""
     global clients  # Bottle runs a generator route up to its first yield before answering, so abort() works
-    if not listening:
-        abort(503, "not connected to the database yet; try again shortly")
-    given = [v for v in (request.get_header("Last-Event-ID", ""), request.query.since) if re.fullmatch("[0-9]{1,19}", v)]
+    given = [v for v in (request.environ.get("HTTP_LAST_EVENT_ID", ""), request.query.since) if re.fullmatch("[0-9]{1,19}", v)]
     cursor, first = (int(given[0]) if given else None), b""
     if cursor is not None and cursor > head and cursor > query("SELECT coalesce(max(version), 0) AS v FROM newsletters")[0]["v"]:
         cursor, first = None, b"event: reset\ndata: {}\n\n"  # the database was recreated: start over
     frames, cursor = snapshot() if cursor is None else since(cursor)
-    response.content_type = "text/event-stream"
-    response.set_header("Cache-Control", "no-cache")
-    response.set_header("X-Accel-Buffering", "no")  # nginx: pass each frame on at once
+    response.headers.update({"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                             "X-Accel-Buffering": "no"})  # nginx: pass each frame on at once
     clients += 1
     try:
-        yield b"retry: 2000\n\n%s%sid: %d\nevent: ready\ndata: {\"version\": %d}\n\n" % (first, frames, cursor, cursor)
+        yield b"retry: 2000\n\n"  # small on purpose: Bottle keeps a stream's first chunk until it ends
+        yield b"%s%sid: %d\nevent: ready\ndata: {\"version\": %d}\n\n" % (first, frames, cursor, cursor)
+        del first, frames  # a parked stream pins no frames: its memory is its socket, not the changes
         while True:
             if head > cursor:
                 frames, cursor = since(cursor)
                 yield frames
-            elif not news.wait(PING_EVERY):
-                yield b": ping\n\n"
+                del frames
+            else:  # no timer of its own: with thousands of streams, timers cost more than the sends
+                news.wait()  # set after every read of the table: a change, or CHECK_EVERY quiet seconds
+                if head <= cursor:
+                    yield b": ping\n\n"  # a quiet stream says it is alive, so proxies keep it open
     except bottle.HTTPError:  # the database went away while reading old changes: the client resumes later
         return
     finally:  # the client went away (a write failed or timed out) or the server is stopping
@@ -266,9 +263,7 @@ def events():
 @app.get("/healthz")
 def healthz():
     """200 while the listener is connected, else 503."""
-    if not listening:
-        abort(503, "the listener is not connected to the database")
-    return to_json({"ok": True, "version": head, "clients": clients})
+    return to_json({"ok": True, "version": head, "clients": clients}) if listening else abort(503, "not listening")
 
 def protected(environ, start_response):
     """Every response, errors included, tells browsers not to guess content types or leak URLs."""
@@ -287,15 +282,15 @@ def main():
     try:
         head = floor = apply_schema()
     except psycopg2.OperationalError as e:
-        where = re.sub(r":[^:@/]*@", ":***@", DATABASE_URL) or "libpq defaults; DATABASE_URL is unset"
-        sys.exit(f"error: cannot reach PostgreSQL ({where}): {first_line(e)}."
+        sys.exit(f"error: cannot reach PostgreSQL ({re.sub(r':[^:@/]*@', ':***@', DATABASE_URL) or 'DATABASE_URL unset'}):"
+                 f" {first_line(e)}."
                  " Set DATABASE_URL, start PostgreSQL, or run `docker compose up`.")
     resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
     socket.setdefaulttimeout(CLIENT_TIMEOUT)  # applies to accepted client sockets, not to libpq's
-    if not WRITE_TOKEN and HOST != "localhost" and not ipaddress.ip_address(HOST).is_loopback:
+    if not WRITE_TOKEN and HOST not in ("localhost", "::1") and not HOST.startswith("127."):
         log.warning("warning: HOST=%s and WRITE_TOKEN is unset: anyone who can reach this port can write", HOST)
     gevent.spawn(listen)
-    server = WSGIServer((HOST, PORT), protected, log=None)
+    server = WSGIServer((HOST, PORT), protected, log=None, backlog=4096)  # room for a storm of connects
     for sig in (signal.SIGINT, signal.SIGTERM):
         gevent.signal_handler(sig, server.stop, 1)  # close streams, wait at most 1s, return from serve_forever
     log.info("serving on http://%s:%d (version %d)", HOST, PORT, head)

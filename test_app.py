@@ -5,11 +5,12 @@
 
 Every server a test starts is stopped again, also when the test fails.
 """
-import contextlib, glob, http.client, json, os, shutil, signal, socket, subprocess, sys, tempfile, time
+import contextlib, glob, http.client, json, os, re, resource, shutil, signal, socket, subprocess, sys, tempfile, threading, time
 from types import SimpleNamespace
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import psycopg2
+import psycopg2.errors
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -36,49 +37,89 @@ def pg_bin(name):
     pytest.skip(f"PostgreSQL's {name} was not found; install PostgreSQL or set TEST_DATABASE_URL")
 
 
-@pytest.fixture(scope="session")
-def database():
-    """A private PostgreSQL for the whole run, or TEST_DATABASE_URL; `ctl` restarts/stops the private one."""
-    if os.environ.get("TEST_DATABASE_URL"):
-        yield SimpleNamespace(url=os.environ["TEST_DATABASE_URL"], ctl=None)
-        return
+@contextlib.contextmanager
+def postgres():
+    """A private PostgreSQL cluster in a temp dir; `ctl` runs pg_ctl on it. Stopped and removed at the end."""
     as_postgres = {"user": "postgres", "group": "postgres"} if os.geteuid() == 0 else {}  # initdb refuses root
     tmp = tempfile.mkdtemp(prefix="newsletter-pg-")
     if as_postgres:
         shutil.chown(tmp, "postgres", "postgres")
     data, port = os.path.join(tmp, "data"), free_port()
-    subprocess.run([pg_bin("initdb"), "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8"],
-                   check=True, capture_output=True, **as_postgres)
 
     def ctl(*args):
-        opts = f"-p {port} -k {tmp} -c listen_addresses=127.0.0.1 -c max_connections=200 -c fsync=off"
+        opts = f"-p {port} -k {tmp} -c listen_addresses=127.0.0.1 -c max_connections=300 -c fsync=off"
         subprocess.run([pg_bin("pg_ctl"), "-D", data, "-o", opts, "-l", os.path.join(tmp, "log"), "-w", *args],
                        check=True, capture_output=True, **as_postgres)
 
-    ctl("start")
     try:
-        yield SimpleNamespace(url=f"postgresql://postgres@127.0.0.1:{port}/postgres", ctl=ctl)
+        subprocess.run([pg_bin("initdb"), "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8"],
+                       check=True, capture_output=True, **as_postgres)
+        ctl("start")
+        yield SimpleNamespace(url=f"postgresql://postgres@127.0.0.1:{port}/postgres", ctl=ctl, port=port)
     finally:
-        with contextlib.suppress(subprocess.CalledProcessError):
+        with contextlib.suppress(subprocess.CalledProcessError, FileNotFoundError):
             ctl("-m", "immediate", "stop")
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def start_app(database_url, **env):
-    """`python app.py` as a real subprocess on a free port, once /healthz says it is listening."""
-    port = free_port()
+@pytest.fixture(scope="session")
+def database():
+    """The run's PostgreSQL: a private one, or TEST_DATABASE_URL."""
+    if os.environ.get("TEST_DATABASE_URL"):
+        yield SimpleNamespace(url=os.environ["TEST_DATABASE_URL"], ctl=None)
+        return
+    with postgres() as pg:
+        yield pg
+
+
+@pytest.fixture
+def own_database():
+    """A PostgreSQL of the test's own, which it may stop and restart without disturbing the others."""
+    if os.environ.get("TEST_DATABASE_URL"):
+        pytest.skip("restarts PostgreSQL: needs the suite's own server, not TEST_DATABASE_URL")
+    with postgres() as pg:
+        yield pg
+
+
+@pytest.fixture
+def empty_database(database):
+    """A new, empty database on the run's server (no table yet)."""
+    name = f"newsletter_{os.getpid()}_{time.monotonic_ns()}"
+    psql(f"CREATE DATABASE {name}", url=database.url)
+    yield database.url.rsplit("/", 1)[0] + "/" + name
+    psql(f"DROP DATABASE {name} WITH (FORCE)", url=database.url)
+
+
+def start_app(database_url, wait=True, files=None, port=None, **env):
+    """`python app.py` as a real subprocess on a free port; by default, once /healthz says it is listening."""
+    port = port or free_port()
     env = {**os.environ, "DATABASE_URL": database_url, "PORT": str(port), **env}
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "app.py")], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    app = SimpleNamespace(proc=proc, port=port, url=f"http://127.0.0.1:{port}")
-    deadline = time.time() + WAIT
-    while time.time() < deadline and proc.poll() is None:
+    log = tempfile.TemporaryFile()  # a file, not a pipe: a chatty app never blocks on a full pipe
+    limit = (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, files))) if files else None
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "app.py")], env=env, stdout=log,
+                            stderr=subprocess.STDOUT, preexec_fn=limit)
+    app = SimpleNamespace(proc=proc, port=port, url=f"http://127.0.0.1:{port}", log=log)
+    if wait and not healthy(app):
+        stop_app(app)
+        raise AssertionError(f"app did not start: {output(app)}")
+    return app
+
+
+def output(app):
+    """Everything the app has printed so far."""
+    app.log.seek(0)
+    return app.log.read().decode(errors="replace")
+
+
+def healthy(app, timeout=WAIT):
+    """Wait until /healthz answers 200; False if it does not within timeout."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and app.proc.poll() is None:
         with contextlib.suppress(OSError):
             if request("GET", "/healthz", app=app).status == 200:
-                return app
+                return True
         time.sleep(0.1)
-    stop_app(app)
-    raise AssertionError(f"app did not start: {proc.stdout.read().decode()}")
+    return False
 
 
 def stop_app(app, sig=signal.SIGTERM):
@@ -93,8 +134,8 @@ def stop_app(app, sig=signal.SIGTERM):
 
 
 @contextlib.contextmanager
-def running_app(database_url, **env):
-    app = start_app(database_url, **env)
+def running_app(database_url, files=None, **env):
+    app = start_app(database_url, files=files, **env)
     try:
         yield app
     finally:
@@ -216,6 +257,9 @@ class Stream:
 
 @contextlib.contextmanager
 def listen(app=None, since=None, last_event_id=None):
+    """A stream; on the session's app, once its listener has read every change (so tests see only their own)."""
+    if app is None:
+        caught_up()
     stream = Stream(app or DEFAULT, since, last_event_id)
     try:
         yield stream
@@ -397,7 +441,6 @@ def test_the_list_is_newest_first_and_paginated(app):
     rows = [publish(f"Page {i}") for i in range(5)]
     first = request("GET", "/newsletters?limit=2")
     assert [r["id"] for r in first.json] == [rows[4]["id"], rows[3]["id"]]
-    assert f"before={rows[3]['id']}" in first.headers["Link"]
     second = request("GET", f"/newsletters?limit=2&before={rows[3]['id']}")
     assert [r["id"] for r in second.json] == [rows[2]["id"], rows[1]["id"]]
     assert len(request("GET", "/newsletters?limit=1000").json) <= 200
@@ -418,7 +461,8 @@ def test_the_page_is_served_with_no_outside_resources(app):
     res = conn.getresponse()
     page = res.read().decode()
     assert res.status == 200 and "<title>Live newsletter</title>" in page
-    assert "http://" not in page and "https://" not in page and "innerHTML =" not in page
+    links = page.replace("xmlns='http://www.w3.org/2000/svg'", "")  # a namespace name, not a request
+    assert "http://" not in links and "https://" not in links and "innerHTML =" not in page
     assert "default-src 'self'" in res.getheader("Content-Security-Policy")
     assert res.getheader("X-Content-Type-Options") == "nosniff"
 
@@ -480,8 +524,8 @@ def app_connections(name):
     return psql("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", name)[0][0]
 
 
-def test_200_streams_hold_at_most_pool_plus_one_database_connections(database):
-    with running_app(database.url, PGAPPNAME="newsletter-200") as app:
+def test_200_streams_hold_at_most_pool_plus_one_database_connections(empty_database):
+    with running_app(empty_database, PGAPPNAME="newsletter-200") as app:
         socks = []
         try:
             for _ in range(200):
@@ -536,3 +580,544 @@ def test_sigterm_ends_the_app_cleanly_with_streams_open(database):
             assert time.time() - started < 5
     finally:
         stop_app(app)
+
+
+# ---- failure is normal: database faults ----------------------------------------------
+def versions_of(events):
+    return [e["version"] for e in events]
+
+
+def test_killed_database_connections_are_reopened_and_changes_committed_meanwhile_arrive_once(database):
+    with running_app(database.url, PGAPPNAME="newsletter-killed") as app, listen(app) as stream:
+        _, cursor = stream.ready()
+        psql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'newsletter-killed'")
+        missed = [psql("INSERT INTO newsletters (title, content) VALUES (%s, 'x') RETURNING id", f"While away {i}")[0][0]
+                  for i in range(3)]
+        got = stream.changes(3)
+        assert [r["id"] for r in got] == missed and versions_of(got) == sorted(set(versions_of(got)))
+        assert versions_of(got)[0] > cursor
+        assert healthy(app, timeout=10)
+        assert "listener lost the database" in output(app)
+        assert publish("After the kill", app=app)["title"] == "After the kill"  # the pool reconnected too
+
+
+def test_a_postgres_restart_loses_no_change_and_the_first_request_after_it_succeeds(own_database):
+    with running_app(own_database.url) as app, listen(app) as stream:
+        stream.ready()
+        before = publish("Before the restart", app=app)
+        assert stream.next()["data"] == before
+        own_database.ctl("-m", "fast", "stop")
+        deadline = time.time() + WAIT
+        while request("GET", "/healthz", app=app).status != 503:
+            assert time.time() < deadline, "/healthz never said 503 while PostgreSQL was down"
+            time.sleep(0.1)
+        own_database.ctl("start")
+        during = psql("INSERT INTO newsletters (title, content) VALUES ('Right after', 'x') RETURNING id",
+                      url=own_database.url)[0][0]
+        after = publish("First request after the restart", app=app)  # broken pooled connections were dropped
+        got = stream.changes(2)
+        assert [r["id"] for r in got] == [during, after["id"]]
+        assert healthy(app, timeout=15)
+
+
+def test_a_request_while_postgres_is_down_gets_a_clear_503(own_database):
+    with running_app(own_database.url) as app:
+        with listen(app) as stream:
+            _, cursor = stream.ready()
+        own_database.ctl("-m", "fast", "stop")
+        try:
+            for method, path, body in [("POST", "/newsletters", {"title": "a", "content": "b"}),
+                                       ("GET", "/newsletters", None), ("DELETE", "/newsletters/1", None)]:
+                started = time.time()
+                res = request(method, path, body, app=app)
+                assert res.status == 503 and res.json["error"] == "the database is unavailable; try again shortly"
+                assert time.time() - started < 10
+            assert request("GET", "/healthz", app=app).status == 503
+            with listen(app, last_event_id=cursor) as stream:  # what memory can serve, it still does
+                assert stream.ready() == ([], cursor)
+        finally:
+            own_database.ctl("start")
+        assert healthy(app, timeout=15)
+
+
+class Blackhole:
+    """A TCP proxy to PostgreSQL that can go silent, like a NAT that forgets a connection: no reset, no error."""
+
+    def __init__(self, port):
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port, self.target, self.silent, self.pairs = self.server.getsockname()[1], port, set(), []
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self):
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            self.pairs.append((client, upstream))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self.pump, args=(a, b), daemon=True).start()
+
+    def pump(self, src, dst):
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                if src in self.silent:
+                    continue  # swallowed: the packets go nowhere, and nobody is told
+                dst.sendall(data)
+
+    def go_silent(self):
+        """Every connection open now stops carrying data; new ones work."""
+        for pair in self.pairs:
+            self.silent.update(pair)
+
+    def close(self):
+        self.server.close()
+        for pair in self.pairs:
+            for s in pair:
+                s.close()
+
+
+def test_a_silently_dropped_database_connection_is_noticed_and_requests_never_hang(database):
+    hole = Blackhole(int(urlsplit(database.url).port))
+    try:
+        with running_app(f"postgresql://postgres@127.0.0.1:{hole.port}/postgres") as app, listen(app) as stream:
+            stream.ready()
+            publish("Warm the pool", app=app)
+            stream.next()
+            hole.go_silent()
+            started = time.time()
+            res = request("POST", "/newsletters", {"title": "Into the void", "content": "x"}, app=app)
+            assert res.status == 503 and time.time() - started < 15  # a deadline, not a hang
+            row = psql("INSERT INTO newsletters (title, content) VALUES ('Direct', 'x') RETURNING id")[0][0]
+            assert stream.next()["data"]["id"] == row  # the listener noticed, reconnected, caught up
+            assert time.time() - started < 35
+            assert publish("Through a new connection", app=app)["title"] == "Through a new connection"
+    finally:
+        hole.close()
+
+
+# ---- failure is normal: the app ----------------------------------------------------------
+def raw_streams(app, count, timeout=WAIT):
+    """Many streams on plain sockets, each read up to "ready"."""
+    socks = []
+    for _ in range(count):
+        s = socket.create_connection(("127.0.0.1", app.port), timeout=timeout)
+        s.sendall(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+        socks.append(s)
+    for s in socks:
+        got = b""
+        while b"event: ready" not in got:
+            chunk = s.recv(65536)
+            assert chunk, "stream closed before ready"
+            got += chunk
+    return socks
+
+
+@pytest.fixture
+def many_files():
+    """Room for a thousand sockets in this test process."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    yield hard
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_sigterm_with_1000_streams_exits_0_within_5_seconds_and_a_new_process_resumes_exactly(empty_database,
+                                                                                           many_files):
+    app = start_app(empty_database)
+    socks = []
+    try:
+        socks = raw_streams(app, 1000)
+        with listen(app) as stream:
+            _, cursor = stream.ready()
+        started = time.time()
+        app.proc.send_signal(signal.SIGTERM)
+        assert app.proc.wait(WAIT) == 0
+        assert time.time() - started < 5
+    finally:
+        stop_app(app)
+        for s in socks:
+            s.close()
+    missed = [psql("INSERT INTO newsletters (title, content) VALUES (%s, 'x') RETURNING id", f"Between {i}",
+                   url=empty_database)[0][0] for i in range(3)]
+    with running_app(empty_database) as again, listen(again, last_event_id=cursor) as stream:
+        catch_up, _ = stream.ready()
+    assert [r["id"] for r in catch_up] == missed
+
+
+def test_two_processes_started_at_the_same_moment_share_one_fresh_database(empty_database):
+    apps = [start_app(empty_database, wait=False) for _ in range(2)]
+    try:
+        assert all(healthy(a) for a in apps), [output(a) for a in apps]
+        with listen(apps[0]) as one, listen(apps[1]) as two:
+            one.ready(), two.ready()
+            for writer in apps:
+                row = publish(f"Through {writer.port}", app=writer)
+                assert one.next()["data"] == row and two.next()["data"] == row
+    finally:
+        for a in apps:
+            stop_app(a)
+    assert not any("Traceback" in output(a) for a in apps)
+
+
+# ---- ordering under concurrency --------------------------------------------------------------
+def test_eight_concurrent_writers_give_strictly_increasing_versions_and_an_exact_resume(app):
+    start = newest_version()
+    caught_up()
+    watcher, leaver = Stream(app, last_event_id=start), Stream(app, last_event_id=start)
+    try:
+        watcher.ready(), leaver.ready()
+
+        def write(n):
+            conn = psycopg2.connect(DSN)
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute("INSERT INTO newsletters (title, content) VALUES (%s, 'x') RETURNING id", (f"Writer {n}",))
+                nid = cur.fetchone()[0]
+                for i in range(49):
+                    cur.execute("UPDATE newsletters SET content = %s WHERE id = %s", (f"change {i}", nid))
+            conn.close()
+
+        threads = [threading.Thread(target=write, args=(n,)) for n in range(8)]
+        for t in threads:
+            t.start()
+        first_half = [leaver.next() for _ in range(20)]
+        leaver.close()
+        for t in threads:
+            t.join()
+        end = newest_version()
+        seen = watcher.until(lambda e: int(e["id"]) >= end)
+        with listen(last_event_id=first_half[-1]["id"]) as resumed:
+            rest, _ = resumed.ready()
+    finally:
+        watcher.close()
+        leaver.close()
+    truth = {nid: v for nid, v in psql("SELECT id, version FROM newsletters WHERE version > %s", start)}
+    for events in ([e["data"] for e in seen], [e["data"] for e in first_half] + rest):
+        versions = versions_of(events)
+        assert versions == sorted(set(versions)), "versions must strictly increase, with no repeats"
+        state = {}
+        for row in events:
+            state[row["id"]] = row["version"]
+        assert state == truth  # every row ends in its committed state: no gap
+    assert len(truth) == 8 and max(truth.values()) == end
+
+
+# ---- clients that misbehave -----------------------------------------------------------------
+def rss_kb(app):
+    with open(f"/proc/{app.proc.pid}/status") as f:
+        return int(next(line for line in f if line.startswith("VmRSS")).split()[1])
+
+
+def open_files(app):
+    return len(os.listdir(f"/proc/{app.proc.pid}/fd"))
+
+
+def test_a_client_that_stops_reading_delays_nobody_costs_no_memory_and_is_dropped(database):
+    with running_app(database.url) as app, listen(app) as reader:
+        reader.ready()
+        stalled = socket.socket()
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.connect(("127.0.0.1", app.port))
+        stalled.sendall(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")  # ...and never reads again
+        time.sleep(0.5)
+        memory = rss_kb(app)
+        big = "y" * 200_000
+        started = time.time()
+        for i in range(40):  # 8 MB: far more than the stalled socket's buffers
+            row = publish(f"Big {i}", big, app=app)
+            assert reader.next()["data"]["id"] == row["id"]
+        assert time.time() - started < WAIT
+        assert rss_kb(app) - memory < 20_000  # no per-client queue grows
+        assert request("GET", "/healthz", app=app).json["clients"] == 2
+        deadline = time.time() + 65
+        while request("GET", "/healthz", app=app).json["clients"] != 1:
+            assert time.time() < deadline, "the stalled client was never dropped"
+            time.sleep(1)
+        stalled.close()
+
+
+def test_2000_connects_and_disconnects_leak_no_sockets_greenlets_or_memory(empty_database):
+    def cycles(app, count):
+        for _ in range(count):
+            with listen(app) as stream:
+                stream.ready()
+        for _ in range(2):  # a closed client is noticed when a write to it fails: the second write after it left
+            publish("flush", app=app)
+            time.sleep(0.3)
+        deadline = time.time() + WAIT
+        while request("GET", "/healthz", app=app).json["clients"] != 0:
+            assert time.time() < deadline, "closed streams were never ended"
+            time.sleep(0.2)
+        return open_files(app), rss_kb(app)
+
+    with running_app(empty_database) as app:
+        cycles(app, 2000)  # warm up: the first rounds set the high-water mark of the heap
+        files, memory = cycles(app, 2000)
+        files_after, memory_after = cycles(app, 2000)
+        assert files_after <= files + POOL_SIZE  # the pool may have opened another connection meanwhile
+        assert memory_after - memory < 8_000, (memory, memory_after)  # a leak of 4 KB a connection would be 8 MB
+
+
+def test_the_app_raises_its_open_files_limit_and_survives_running_out(empty_database, many_files):
+    with running_app(empty_database, files=200) as app:  # started with a soft limit of 64, a hard one of 200
+        with open(f"/proc/{app.proc.pid}/limits") as f:
+            assert next(line for line in f if line.startswith("Max open files")).split()[3:5] == ["200", "200"]
+        with listen(app) as survivor:
+            survivor.ready()
+            refused, socks = 0, []
+            while refused < 3 and len(socks) < 300:
+                try:
+                    socks.extend(raw_streams(app, 1, timeout=2))
+                except (OSError, AssertionError):
+                    refused += 1  # not accepted, or accepted and closed: either way, not a crash
+            assert refused == 3 and len(socks) < 200
+            for s in socks:
+                s.close()  # the app notices at its next write to them
+            (nid,) = psql("INSERT INTO newsletters (title, content) VALUES ('Still here', 'x') RETURNING id",
+                          url=empty_database)[0]
+            assert survivor.next()["data"]["id"] == nid
+        assert app.proc.poll() is None and healthy(app)
+        assert publish("And writable", app=app)["title"] == "And writable"
+
+
+def test_slow_and_partial_requests_time_out_without_holding_anything(database):
+    with running_app(database.url) as app:
+        slow = socket.create_connection(("127.0.0.1", app.port))
+        slow.sendall(b"GET /newsletters HTTP/1.1\r\nHost: x")  # a request line with no end
+        partial = socket.create_connection(("127.0.0.1", app.port))
+        partial.sendall(b'POST /newsletters HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n'
+                        b'Content-Length: 1000\r\n\r\n{"title": "never finished"')
+        before = table_state()
+        assert request("GET", "/healthz", app=app).status == 200  # others are served meanwhile
+        slow.settimeout(60), partial.settimeout(60)
+        started = time.time()
+        for s in (slow, partial):  # closed by the server, perhaps with a 4xx first; never a 5xx
+            answer = s.recv(65536)
+            assert answer == b"" or re.match(rb"HTTP/1.1 4\d\d ", answer), answer
+        assert time.time() - started < 45
+        assert table_state() == before
+        slow.close(), partial.close()
+        assert healthy(app)
+
+
+# ---- who may write --------------------------------------------------------------------------
+def test_with_a_write_token_only_bearers_may_write_and_everyone_may_read(database):
+    with running_app(database.url, WRITE_TOKEN="s3cret") as app:
+        body = {"title": "Guarded", "content": "x"}
+        for headers in [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"},
+                        {"Authorization": "Bearer s3cret ".encode() + b"\xff"}]:
+            res = request("POST", "/newsletters", body, headers=headers, app=app)
+            assert res.status == 401 and "Authorization: Bearer" in res.json["error"]
+        ok = request("POST", "/newsletters", body, headers={"Authorization": "Bearer s3cret"}, app=app)
+        assert ok.status == 201
+        nid = ok.json["id"]
+        assert request("PUT", f"/newsletters/{nid}", body, app=app).status == 401
+        assert request("DELETE", f"/newsletters/{nid}", app=app).status == 401
+        assert request("GET", "/newsletters", app=app).status == 200
+        with listen(app) as stream:
+            assert stream.ready()[1] >= ok.json["version"]
+        assert request("DELETE", f"/newsletters/{nid}", headers={"Authorization": "Bearer s3cret"}, app=app).status == 204
+
+
+def test_serving_beyond_loopback_without_a_token_warns_that_anyone_can_write(database):
+    with running_app(database.url, HOST="0.0.0.0") as app:
+        assert "anyone who can reach this port can write" in output(app)
+    with running_app(database.url) as app:
+        assert "anyone" not in output(app)
+
+
+def test_every_response_carries_nosniff_and_a_referrer_policy(app):
+    for method, path in [("GET", "/"), ("GET", "/newsletters"), ("GET", "/nowhere"), ("POST", "/newsletters"),
+                         ("GET", "/healthz")]:
+        res = request(method, path, b"{bad" if method == "POST" else None)
+        assert res.headers["X-Content-Type-Options"] == "nosniff", path
+        assert res.headers["Referrer-Policy"] == "no-referrer", path
+    with listen() as stream:
+        assert stream.response.getheader("X-Content-Type-Options") == "nosniff"
+
+
+def test_psql_writes_are_held_to_the_same_rules_as_the_api(app):
+    before = table_state()
+    for title, content in [("", "x"), ("t" * 201, "x"), ("ok", "   "), ("ok", "x" * ((1 << 20) + 1))]:
+        with pytest.raises(psycopg2.errors.CheckViolation):
+            psql("INSERT INTO newsletters (title, content) VALUES (%s, %s)", title, content)
+    assert table_state() == before
+
+
+# ---- the page, in a real browser ------------------------------------------------------------
+# Playwright drives the machine's Chromium (never a downloaded one); without either, these skip.
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright for the browser tests")
+    if not CHROMIUM:
+        pytest.skip("no Chromium on this machine (apt-get install chromium) for the browser tests")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
+            "--disable-background-networking", "--disable-component-update"])
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture(scope="module")
+def site(database):
+    """The app on a database of its own, so the page shows only what the test puts there."""
+    name = f"newsletter_page_{os.getpid()}"
+    psql(f"CREATE DATABASE {name}", url=database.url)
+    url = database.url.rsplit("/", 1)[0] + "/" + name
+    site = SimpleNamespace(app=start_app(url), dsn=url)
+    try:
+        yield site
+    finally:
+        stop_app(site.app)  # the one running now: a test may have restarted it
+        psql(f"DROP DATABASE {name} WITH (FORCE)", url=database.url)
+
+
+@pytest.fixture
+def tabs(browser, site):
+    """Open tabs of the page in one browser context (tabs of one browser window share a stream)."""
+    context = browser.new_context()
+    pages = []
+
+    def open_tab(viewport=None):
+        page = context.new_page()
+        if viewport:
+            page.set_viewport_size(viewport)
+        page.problems = []
+        page.on("console", lambda m: m.type == "error" and page.problems.append(m.text))
+        page.on("pageerror", lambda e: page.problems.append(str(e)))
+        page.on("request", lambda r: r.url.startswith(site.app.url) or page.problems.append("other origin: " + r.url))
+        page.goto(site.app.url)
+        page.wait_for_selector('#status[data-state="live"]', timeout=WAIT * 1000)
+        pages.append(page)
+        return page
+
+    try:
+        yield open_tab
+    finally:
+        context.close()
+
+
+def card(page, title):
+    return page.locator("article", has=page.locator("h2", has_text=title))
+
+
+def shows(page, title, timeout=5):
+    card(page, title).first.wait_for(timeout=timeout * 1000)
+
+
+def gone(page, title, timeout=5):
+    card(page, title).first.wait_for(state="detached", timeout=timeout * 1000)
+
+
+def publish_in(page, title, content):
+    page.fill("#title", title)
+    page.fill("#content", content)
+    page.click("form.publish button[type=submit]")
+
+
+def test_two_pages_see_each_others_writes_and_psql_writes_at_once(tabs, site):
+    a, b = tabs(), tabs()
+    publish_in(a, "From page A", "Written in A")
+    shows(b, "From page A")
+    psql("INSERT INTO newsletters (title, content) VALUES ('From psql', 'typed by hand')", url=site.dsn)
+    shows(a, "From psql"), shows(b, "From psql")
+    edited = card(b, "From page A")
+    edited.locator("button.edit").click()
+    edited.locator("input[name=title]").fill("Edited in B")
+    edited.locator("button[type=submit]").click()
+    shows(a, "Edited in B")
+    card(a, "Edited in B").locator("button.delete").click()
+    gone(b, "Edited in B")
+    assert card(b, "From psql").count() == 1
+    assert a.problems == [] and b.problems == []
+
+
+def test_markup_in_a_newsletter_is_shown_as_text_and_never_runs(tabs, site):
+    page = tabs()
+    title, content = "<img src=x onerror=window.pwned=1>", "<script>window.pwned=2</script>\nsecond line"
+    res = request("POST", "/newsletters", {"title": title, "content": content}, app=site.app)
+    assert res.status == 201
+    shows(page, "<img src=x")
+    shown = card(page, "<img src=x").first
+    assert shown.locator("h2").inner_text() == title
+    assert shown.locator(".content").inner_text() == content  # the line break is kept
+    assert page.evaluate("window.pwned") is None
+    assert shown.locator("img, script").count() == 0
+
+
+def test_the_page_says_reconnecting_while_the_app_is_down_and_catches_up_without_a_reload(tabs, site):
+    page = tabs()
+    stop_app(site.app)
+    page.wait_for_selector('#status[data-state="reconnecting"]', timeout=WAIT * 1000)
+    psql("INSERT INTO newsletters (title, content) VALUES ('While the app was down', 'x')", url=site.dsn)
+    site.app = start_app(site.dsn, port=site.app.port)
+    page.wait_for_selector('#status[data-state="live"]', timeout=WAIT * 1000)
+    shows(page, "While the app was down", timeout=WAIT)
+    outage = ("ERR_CONNECTION_REFUSED", "ERR_INCOMPLETE_CHUNKED_ENCODING")  # the stream cut, the refused retries
+    page.problems = [p for p in page.problems if not any(o in p for o in outage)]
+    assert page.problems == []
+
+
+def test_ten_tabs_share_one_stream_and_stay_live_when_the_leader_closes(tabs, site):
+    pages = [tabs() for _ in range(10)]
+    for title in ("Ten tabs", "Still ten"):  # two writes also end streams of earlier tests' closed tabs
+        psql("INSERT INTO newsletters (title, content) VALUES (%s, 'x')", title, url=site.dsn)
+        for page in pages:
+            shows(page, title)
+    assert request("GET", "/healthz", app=site.app).json["clients"] == 1  # one EventSource for ten tabs
+    pages[0].close()  # the leader: the first tab took the lock
+    psql("INSERT INTO newsletters (title, content) VALUES ('After the leader left', 'x')", url=site.dsn)
+    for page in pages[1:]:
+        shows(page, "After the leader left", timeout=10)
+        assert page.locator("#status").get_attribute("data-state") == "live"
+
+
+def test_the_page_fits_a_phone_and_asks_nothing_of_other_origins(tabs, site):
+    request("POST", "/newsletters", {"title": "W" * 200, "content": "x" * 3000}, app=site.app)
+    page = tabs(viewport={"width": 375, "height": 700})
+    shows(page, "WWWW")
+    assert page.evaluate("document.documentElement.scrollWidth <= document.documentElement.clientWidth")
+    assert page.locator("label[for=title]").count() == 1 and page.locator("label[for=content]").count() == 1
+    assert page.locator("[aria-live]").count() >= 1
+    assert page.problems == []
+
+
+def test_validation_errors_are_shown_next_to_the_form_in_words(tabs, site):
+    page = tabs()
+    page.fill("#content", "Some content")
+    page.evaluate("document.getElementById('title').removeAttribute('maxlength')")
+    page.fill("#title", "T" * 201)
+    page.click("form.publish button[type=submit]")
+    error = page.locator("#publish-error")
+    error.wait_for(timeout=5000)
+    assert error.inner_text() == "title must be 1 to 200 characters"
+    page.fill("#title", "Fine")
+    page.fill("#content", "   ")
+    page.click("form.publish button[type=submit]")
+    page.wait_for_function("document.getElementById('publish-error').textContent === 'content must not be empty'")
+
+
+def test_the_page_looks_right_with_a_few_newsletters(tabs, site):
+    """Also draws preview.png for the README when UPDATE_PREVIEW=1."""
+    psql("DELETE FROM newsletters", url=site.dsn)
+    for title, content in [
+        ("Postgres can do realtime", "A trigger rings NOTIFY; one LISTEN connection hears it;\nServer-Sent Events carry it to every open page."),
+        ("Edit me from psql", "UPDATE newsletters SET title = 'Hi' WHERE title LIKE 'Edit%';\nThis card changes in every browser at once."),
+        ("Release notes, week 48", "Resume with Last-Event-ID: nothing lost, nothing twice.\nTombstones tell offline clients about deletes."),
+    ]:
+        request("POST", "/newsletters", {"title": title, "content": content}, app=site.app)
+    page = tabs(viewport={"width": 800, "height": 860})
+    shows(page, "Release notes")
+    assert page.locator("article").count() == 3
+    page.wait_for_timeout(1500)  # let the arrival flash fade
+    path = os.path.join(HERE if os.environ.get("UPDATE_PREVIEW") else tempfile.gettempdir(), "preview.png")
+    page.screenshot(path=path, full_page=False)
+    assert os.path.getsize(path) > 10_000
