@@ -27,6 +27,7 @@ POOL_SIZE = 4          # connections for request handlers; the listener holds on
 DB_TIMEOUT = 5         # seconds one database round trip may take before the connection counts as dead
 CHECK_EVERY = 15       # seconds the listener waits for a NOTIFY before it looks anyway; quiet streams ping then
 CLIENT_TIMEOUT = 30    # seconds a client may take to send a request or accept a write, then it is dropped
+GATHER = 0.02          # seconds the listener lets a burst gather after reading changes: fewer queries and writes
 LOG_SIZE = 1000        # recently changed rows kept in memory, so resuming clients cost no query
 NEWEST = 100           # live newsletters a new client gets before "ready"
 MAX_BODY = 1_150_000   # bytes of request body: room for 1 MiB of content (schema.sql's limit) and JSON
@@ -100,12 +101,10 @@ def apply_schema():
         return cur.fetchone()["v"]
 
 # ---- listener ---------------------------------------------------------------
-head = 0                            # newest version this process has read
-floor = 0                           # the log holds every change after this version
+head = floor = 0                    # newest version this process has read; the log holds every change after floor
 recent = collections.OrderedDict()  # row id -> (version, frame): each recent row's newest state, in version order
 news = gevent.event.Event()         # set, then replaced, after every read of the table
-listening = False                   # /healthz answers 503 while this is False
-clients = 0                         # open streams
+listening, clients = False, 0       # /healthz answers 503 while not listening; the number of open streams
 
 def fetch(conn):
     """Read every change after head once, encode it once, log it, and wake every stream."""
@@ -121,6 +120,7 @@ def fetch(conn):
     head = rows[-1]["version"] if rows else head
     woken, news = news, gevent.event.Event()
     woken.set()  # also when nothing changed: then quiet streams send a ping
+    gevent.sleep(GATHER if rows else 0)  # in a burst, the next query and each stream's next write cover many
 
 def listen():
     """Forever: connect, LISTEN, catch up, then read changes whenever the doorbell rings."""

@@ -110,6 +110,12 @@ def xacts(dsn):
     return db_stat(dsn, "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()")
 
 
+def app_reads(log):
+    """How many times the app has read changes, from PostgreSQL's statement log (private server only)."""
+    with open(log, errors="replace") as f:
+        return sum(1 for line in f if line.startswith("newsletter|") and "WHERE version > " in line)
+
+
 def run(args, url, dsn, pid):
     """One measured run; returns the line to print."""
     manager = multiprocessing.Manager()
@@ -117,6 +123,7 @@ def run(args, url, dsn, pid):
     cursor = db_stat(dsn, "SELECT coalesce(max(version), 0) FROM newsletters") if args.resume else None
     time.sleep(1.5)  # let PostgreSQL's statistics settle before counting transactions
     rss0, _ = process_stats(pid) if pid else (0, 0)
+    reads0 = 0
     xacts0, begin = xacts(dsn), time.time() + 0.2
     reader = multiprocessing.Process(target=clients, args=(url, args.clients, cursor, begin, results, ready_at))
     reader.start()
@@ -129,12 +136,14 @@ def run(args, url, dsn, pid):
     storm_xacts = xacts(dsn) - xacts0 - 1  # includes the listener's own check every 5 s
     _, cpu0 = process_stats(pid) if pid else (0, 0)
     conns = db_stat(dsn, "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'newsletter'")
+    reads0 = app_reads(args.pg_log) if args.pg_log else 0
     write = multiprocessing.Process(target=writer, args=(dsn, args.changes, args.rate, args.size, time.time() + 0.1))
     write.start()
     write.join()
     results["stop"] = True
     reader.join(timeout=120)
     _, cpu1 = process_stats(pid) if pid else (0, 0)
+    reads = app_reads(args.pg_log) - reads0 if args.pg_log else "?"
     lat = sorted(ms / 1e6 for ms in results.get("latencies", []))
     pct = lambda p: lat[min(len(lat) - 1, int(p / 100 * len(lat)))] if lat else float("nan")
     return (f"clients={args.clients} changes={args.changes} rate={args.rate or 'burst'} size={args.size}B"
@@ -142,7 +151,7 @@ def run(args, url, dsn, pid):
             f" | latency ms p50={pct(50):.0f} p95={pct(95):.0f} p99={pct(99):.0f} max={lat[-1] if lat else float('nan'):.0f}"
             f" | all ready in {connect_s:.2f}s with {storm_xacts} db queries"
             f" | app {(rss1 - rss0) / max(args.clients, 1):.1f} KB/client, {conns} db conns,"
-            f" {cpu1 - cpu0:.1f}s cpu for the changes")
+            f" {cpu1 - cpu0:.1f}s cpu and {reads} listener queries for the changes")
 
 
 def main():
@@ -158,9 +167,11 @@ def main():
     args = parser.parse_args()
     resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
     if args.url:
+        args.pg_log = None
         print(run(args, args.url, args.dsn, args.pid))
         return
-    with postgres() as pg:
+    with postgres("-c log_statement=all -c log_line_prefix='%a|'") as pg:
+        args.pg_log = pg.log
         app = start_app(pg.url)
         try:
             print(run(args, app.url, pg.url, app.proc.pid))

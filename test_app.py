@@ -38,7 +38,7 @@ def pg_bin(name):
 
 
 @contextlib.contextmanager
-def postgres():
+def postgres(settings=""):
     """A private PostgreSQL cluster in a temp dir; `ctl` runs pg_ctl on it. Stopped and removed at the end."""
     as_postgres = {"user": "postgres", "group": "postgres"} if os.geteuid() == 0 else {}  # initdb refuses root
     tmp = tempfile.mkdtemp(prefix="newsletter-pg-")
@@ -47,7 +47,7 @@ def postgres():
     data, port = os.path.join(tmp, "data"), free_port()
 
     def ctl(*args):
-        opts = f"-p {port} -k {tmp} -c listen_addresses=127.0.0.1 -c max_connections=300 -c fsync=off"
+        opts = f"-p {port} -k {tmp} -c listen_addresses=127.0.0.1 -c max_connections=300 -c fsync=off {settings}"
         subprocess.run([pg_bin("pg_ctl"), "-D", data, "-o", opts, "-l", os.path.join(tmp, "log"), "-w", *args],
                        check=True, capture_output=True, **as_postgres)
 
@@ -55,7 +55,8 @@ def postgres():
         subprocess.run([pg_bin("initdb"), "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8"],
                        check=True, capture_output=True, **as_postgres)
         ctl("start")
-        yield SimpleNamespace(url=f"postgresql://postgres@127.0.0.1:{port}/postgres", ctl=ctl, port=port)
+        yield SimpleNamespace(url=f"postgresql://postgres@127.0.0.1:{port}/postgres", ctl=ctl, port=port,
+                              log=os.path.join(tmp, "log"))
     finally:
         with contextlib.suppress(subprocess.CalledProcessError, FileNotFoundError):
             ctl("-m", "immediate", "stop")
