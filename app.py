@@ -50,6 +50,11 @@ def connect():
     return psycopg2.connect(DATABASE_URL, fallback_application_name="newsletter",
                             cursor_factory=psycopg2.extras.RealDictCursor)
 
+def readable(conn, timeout):
+    """Whether the server has sent something, waiting at most timeout seconds (poll: select() stops at fd 1024)."""
+    (probe := select.poll()).register(conn, select.POLLIN)
+    return bool(probe.poll(timeout * 1000))
+
 pool = gevent.queue.LifoQueue(items=[None] * POOL_SIZE)  # idle request connections, warmest first; None: not opened yet
 
 def query(sql, *args):
@@ -75,11 +80,6 @@ def query(sql, *args):
         abort(503, "the database is unavailable; try again shortly")
     finally:
         pool.put(conn if conn and not conn.closed else None)
-
-def readable(conn, timeout):
-    """Whether the server has sent something, waiting at most timeout seconds (poll: select() stops at fd 1024)."""
-    (probe := select.poll()).register(conn, select.POLLIN)
-    return bool(probe.poll(timeout * 1000))
 
 def to_json(value):
     """JSON text; timestamps become ISO 8601 with their offset."""
@@ -282,8 +282,8 @@ def main():
     try:
         head = floor = apply_schema()
     except psycopg2.OperationalError as e:
-        sys.exit(f"error: cannot reach PostgreSQL ({re.sub(r':[^:@/]*@', ':***@', DATABASE_URL) or 'DATABASE_URL unset'}):"
-                 f" {first_line(e)}."
+        where = re.sub(r":[^:@/]*@", ":***@", DATABASE_URL) or "DATABASE_URL unset"  # never print a password
+        sys.exit(f"error: cannot reach PostgreSQL ({where}): {first_line(e)}."
                  " Set DATABASE_URL, start PostgreSQL, or run `docker compose up`.")
     resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
     socket.setdefaulttimeout(CLIENT_TIMEOUT)  # applies to accepted client sockets, not to libpq's

@@ -527,18 +527,8 @@ def app_connections(name):
 
 def test_200_streams_hold_at_most_pool_plus_one_database_connections(empty_database):
     with running_app(empty_database, PGAPPNAME="newsletter-200") as app:
-        socks = []
+        socks = raw_streams(app, 200)
         try:
-            for _ in range(200):
-                s = socket.create_connection(("127.0.0.1", app.port), timeout=WAIT)
-                s.sendall(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
-                socks.append(s)
-            for s in socks:
-                got = b""
-                while b"event: ready" not in got:
-                    chunk = s.recv(65536)
-                    assert chunk, "stream closed before ready"
-                    got += chunk
             assert request("GET", "/healthz", app=app).json["clients"] == 200
             assert 1 <= app_connections("newsletter-200") <= POOL_SIZE + 1
         finally:
