@@ -1093,7 +1093,7 @@ def test_validation_errors_are_shown_next_to_the_form_in_words(tabs, site):
     page.fill("#title", "Fine")
     page.fill("#content", "   ")
     page.click("form.publish button[type=submit]")
-    page.wait_for_function("document.getElementById('publish-error').textContent === 'content must not be empty'")
+    page.locator("#publish-error", has_text="content must not be empty").wait_for(timeout=5000)  # (CSP forbids eval)
 
 
 def test_the_page_looks_right_with_a_few_newsletters(tabs, site):
