@@ -123,7 +123,6 @@ def run(args, url, dsn, pid):
     cursor = db_stat(dsn, "SELECT coalesce(max(version), 0) FROM newsletters") if args.resume else None
     time.sleep(1.5)  # let PostgreSQL's statistics settle before counting transactions
     rss0, _ = process_stats(pid) if pid else (0, 0)
-    reads0 = 0
     xacts0, begin = xacts(dsn), time.time() + 0.2
     reader = multiprocessing.Process(target=clients, args=(url, args.clients, cursor, begin, results, ready_at))
     reader.start()

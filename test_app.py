@@ -547,32 +547,6 @@ def test_an_unreachable_database_at_start_gives_one_clear_line_and_exit_status_1
     assert "DATABASE_URL" in lines[0] and "docker compose up" in lines[0]
 
 
-def test_the_schema_can_be_applied_again_and_by_two_processes_at_once(database):
-    apps = []
-    try:
-        procs = [start_app(database.url) for _ in range(2)]  # each applies schema.sql at start
-        apps.extend(procs)
-        with listen(apps[0]) as one, listen(apps[1]) as two:
-            one.ready(), two.ready()
-            row = publish("Seen by both", app=apps[1])
-            assert one.next()["data"] == row and two.next()["data"] == row
-    finally:
-        for a in apps:
-            stop_app(a)
-
-
-def test_sigterm_ends_the_app_cleanly_with_streams_open(database):
-    app = start_app(database.url)
-    try:
-        with listen(app) as stream:
-            stream.ready()
-            started = time.time()
-            assert stop_app(app) == 0
-            assert time.time() - started < 5
-    finally:
-        stop_app(app)
-
-
 # ---- failure is normal: database faults ----------------------------------------------
 def versions_of(events):
     return [e["version"] for e in events]
@@ -738,6 +712,7 @@ def test_sigterm_with_1000_streams_exits_0_within_5_seconds_and_a_new_process_re
 
 
 def test_two_processes_started_at_the_same_moment_share_one_fresh_database(empty_database):
+    """Both apply schema.sql at once (later starts apply it again, as every test's app does)."""
     apps = [start_app(empty_database, wait=False) for _ in range(2)]
     try:
         assert all(healthy(a) for a in apps), [output(a) for a in apps]
