@@ -1,8 +1,7 @@
 """Live newsletter: PostgreSQL LISTEN/NOTIFY to Server-Sent Events, in one file.
 
-  a write (page, API or psql) -> trigger: a new version, in commit order, and NOTIFY (no payload)
-  -> one LISTEN connection per process -> SELECT ... WHERE version > head, once, each change encoded once
-  -> every GET /events stream sends the frames after its own cursor -> the browser's EventSource
+  a write (page, API or psql) -> trigger: a version in commit order, a NOTIFY without payload -> one LISTEN per
+  process reads the change once -> its frame is written to every caught-up stream's socket -> EventSource
 
 Run it:  python app.py          (or DATABASE_URL=postgresql://user@host/db python app.py)
 Try it:  psql -c "INSERT INTO newsletters (title, content) VALUES ('Hello', 'from psql')"
@@ -10,12 +9,12 @@ Try it:  psql -c "INSERT INTO newsletters (title, content) VALUES ('Hello', 'fro
 from gevent import monkey
 monkey.patch_all()  # first of all: sockets, select() and sleep() must yield to other greenlets
 
-import collections, contextlib, hmac, itertools, json, logging, os, re, resource, select, signal, socket, sys
+import collections, contextlib, functools, gc, hmac, itertools, json, logging, os, pathlib, re, resource, select
+import signal, socket, sys
 
-import bottle, gevent, gevent.event, gevent.lock, gevent.queue, psycopg2, psycopg2.errors, psycopg2.extras
+import bottle, gevent, gevent.event, gevent.lock, gevent.queue, gevent.socket, psycopg2, psycopg2.errors, psycopg2.extras
 from bottle import abort, request, response
-from gevent.pywsgi import WSGIServer
-from gevent.socket import wait_read, wait_write
+from gevent.pywsgi import WSGIHandler, WSGIServer
 from psycopg2.extensions import POLL_OK, POLL_READ, POLL_WRITE
 
 # ---- configuration ----------------------------------------------------------
@@ -27,21 +26,18 @@ POOL_SIZE = 4          # connections for request handlers; the listener holds on
 DB_TIMEOUT = 5         # seconds one database round trip may take before the connection counts as dead
 CHECK_EVERY = 15       # seconds the listener waits for a NOTIFY before it looks anyway; quiet streams ping then
 CLIENT_TIMEOUT = 30    # seconds a client may take to send a request or accept a write, then it is dropped
-GATHER = 0.02          # seconds the listener lets a burst gather after reading changes: fewer queries and writes
 LOG_SIZE = 1000        # recently changed rows kept in memory, so resuming clients cost no query
 NEWEST = 100           # live newsletters a new client gets before "ready"
 MAX_BODY = 1_150_000   # bytes of request body: room for 1 MiB of content (schema.sql's limit) and JSON
 HERE = os.path.dirname(os.path.abspath(__file__))  # schema.sql and index.html live beside this file
 COLUMNS = "id, title, content, created_at, updated_at, version, deleted"
-log = logging.getLogger("newsletter")
 
 # ---- database ---------------------------------------------------------------
 def wait(conn):
-    """psycopg2 wait callback: let other greenlets run while a query waits on the network."""
-    # psycogreen's loop, plus a deadline: a silently dropped network path would leave a query waiting forever.
-    while (state := conn.poll()) != POLL_OK:
+    """psycopg2 wait callback (psycogreen's loop; any other state is a KeyError): other greenlets run meanwhile."""
+    while (state := conn.poll()) != POLL_OK:  # a deadline, too: a silently dropped network path would wait forever
         late = psycopg2.OperationalError(f"no answer from the database within {DB_TIMEOUT}s")
-        {POLL_READ: wait_read, POLL_WRITE: wait_write}[state](conn.fileno(), DB_TIMEOUT, late)  # else KeyError
+        {POLL_READ: gevent.socket.wait_read, POLL_WRITE: gevent.socket.wait_write}[state](conn.fileno(), DB_TIMEOUT, late)
 
 psycopg2.extensions.set_wait_callback(wait)  # every query below, the listener's included, now yields
 
@@ -76,14 +72,12 @@ def query(sql, *args):
         abort(400, "text must not contain NUL characters or unpaired surrogates")
     except (psycopg2.OperationalError, psycopg2.InterfaceError) as e:
         conn = conn and conn.close()  # broken or mid-query: the next borrower opens a fresh one
-        log.warning("database unavailable for %s %s: %s", request.method, request.path, first_line(e))
+        logging.warning("database unavailable for %s %s: %s", request.method, request.path, first_line(e))
         abort(503, "the database is unavailable; try again shortly")
     finally:
         pool.put(conn if conn and not conn.closed else None)
 
-def to_json(value):
-    """JSON text; timestamps become ISO 8601 with their offset."""
-    return json.dumps(value, ensure_ascii=False, default=lambda t: t.isoformat())
+to_json = functools.partial(json.dumps, ensure_ascii=False, default=lambda t: t.isoformat())  # timestamps: ISO 8601
 
 def frame(row):
     """One change as an SSE frame: built once, then sent as-is to every stream."""
@@ -94,91 +88,88 @@ def frame(row):
 def apply_schema():
     """Create or update table and triggers; return the newest version, where the listener starts."""
     with contextlib.closing(connect()) as conn, conn, conn.cursor() as cur:  # one transaction, committed at the end
-        cur.execute("SELECT pg_advisory_lock(hashtext('newsletters_schema'))")  # processes starting together take turns
-        with open(os.path.join(HERE, "schema.sql")) as f:
-            cur.execute(f.read())
+        cur.execute(pathlib.Path(HERE, "schema.sql").read_text())
         cur.execute("SELECT coalesce(max(version), 0) AS v FROM newsletters")
         return cur.fetchone()["v"]
 
 # ---- listener ---------------------------------------------------------------
 head = floor = 0                    # newest version this process has read; the log holds every change after floor
 recent = collections.OrderedDict()  # row id -> (version, frame): each recent row's newest state, in version order
-news = gevent.event.Event()         # set, then replaced, after every read of the table
 listening, clients = False, 0       # /healthz answers 503 while not listening; the number of open streams
 
 def fetch(conn):
-    """Read every change after head once, encode it once, log it, and wake every stream."""
-    global head, floor, news
-    with conn.cursor() as cur:
-        cur.execute(f"SELECT {COLUMNS} FROM newsletters WHERE version > %s ORDER BY version", (head,))
-        rows = cur.fetchall()
+    """Read every change after head once, encode it once, log it, and write it to every caught-up stream."""
+    global head, floor
+    (cur := conn.cursor()).execute(f"SELECT {COLUMNS} FROM newsletters WHERE version > %s ORDER BY version", (head,))
+    rows = cur.fetchall()
     for row in rows:
         recent.pop(row["id"], None)  # a row's older state is superseded: the table holds only the newest
         recent[row["id"]] = (row["version"], frame(row))
     while len(recent) > LOG_SIZE:
         floor = recent.popitem(last=False)[1][0]
     head = rows[-1]["version"] if rows else head
-    woken, news = news, gevent.event.Event()
-    woken.set()  # also when nothing changed: then quiet streams send a ping
-    gevent.sleep(GATHER if rows else 0)  # in a burst, the next query and each stream's next write cover many
+    broadcast(b"".join(recent[row["id"]][1] for row in rows) or b": ping\n\n")  # nothing new: quiet streams ping
 
 def listen():
     """Forever: connect, LISTEN, catch up, then read changes whenever the doorbell rings."""
     global listening
-    delay = 0.5
+    delay = 0.25
     while True:
         try:
             with contextlib.closing(connect()) as conn:
                 conn.autocommit = True  # LISTEN acts at once, and no transaction stays open while we wait
                 conn.cursor().execute("LISTEN newsletters")
-                fetch(conn)  # after LISTEN: a change committed in between is read now, or rings later
-                listening, delay = True, 0.5
-                while True:  # wait for the doorbell, at most CHECK_EVERY: then the query catches a missed ring
-                    if readable(conn, CHECK_EVERY):
+                while True:  # read (first after LISTEN: a change committed in between is read now, or rings later)
+                    fetch(conn)  # a query with a deadline (the wait callback): it also proves the connection alive
+                    listening, delay = True, 0.25
+                    if readable(conn, CHECK_EVERY):  # the doorbell, or CHECK_EVERY seconds: a missed ring is caught
                         conn.poll()
                         conn.notifies.clear()  # the table is the truth: many rings, one query
-                    fetch(conn)  # a query with a deadline (the wait callback): it also proves the connection alive
-        except Exception as e:  # outermost loop: log it, back off, reconnect, catch up
-            listening = False
-            log.warning("listener lost the database (%s); reconnecting in %.1fs", first_line(e), delay)
+        except Exception as e:  # outermost loop: log it, back off (0.5s, doubling up to 8s), reconnect, catch up
+            listening, delay = False, min(delay * 2, 8)
+            logging.warning("listener lost the database (%s); reconnecting in %.1fs", first_line(e), delay)
             gevent.sleep(delay)
-            delay = min(delay * 2, 8)
 
 # ---- fan-out ----------------------------------------------------------------
+parked = {}  # socket descriptor -> (descriptor, wake-up, HTTP/1.1?) of each stream that has every change up to head
+
+def broadcast(batch):
+    """Write one batch to every parked stream, framed once; a stream's greenlet wakes only if its client lags."""
+    framed = b"%x\r\n%s\r\n" % (len(batch), batch)  # one HTTP/1.1 chunk, the same bytes for every stream
+    for fd, wake, chunked in list(parked.values()):  # (no new tuple per stream: they would set off full collections)
+        data, sent = framed if chunked else batch, 0
+        with contextlib.suppress(OSError):  # full (BlockingIOError) or gone: the stream's greenlet finds out which
+            sent = os.write(fd, data)  # non-blocking, and no greenlet switch: a full socket buffer takes less
+        if sent < len(data):
+            del parked[fd]
+            wake.set((data[sent:], head))  # the rest, framed, for the stream to send at its client's pace
+
+first_page, first_page_lock = [-1, b""], gevent.lock.Semaphore()  # [version, the newest live newsletters then]
+
 def since(cursor):
     """Frames of every change after cursor (each row's newest state, in version order), and the new cursor."""
+    if cursor is None:  # a new client: the newest live newsletters as of head; what changed since follows from the log
+        with first_page_lock:  # a storm of new clients waits for one query instead of each sending its own
+            if first_page[0] != head:
+                cursor = head  # read once: the query yields, and head may move meanwhile
+                rows = query(f"SELECT * FROM (SELECT {COLUMNS} FROM newsletters WHERE NOT deleted AND version <= %s"
+                             " ORDER BY id DESC LIMIT %s) AS newest ORDER BY version", cursor, NEWEST)
+                first_page[:] = cursor, b"".join(map(frame, rows))
+            return first_page[1], first_page[0]
     if cursor >= floor:  # the in-memory log reaches back far enough: no query
         newer = itertools.takewhile(lambda entry: entry[0] > cursor, reversed(recent.values()))
         return b"".join(reversed([f for _, f in newer])), max(cursor, head)
     rows = query(f"SELECT {COLUMNS} FROM newsletters WHERE version > %s ORDER BY version", cursor)
     return b"".join(map(frame, rows)), rows[-1]["version"] if rows else cursor
 
-first_page, first_page_lock = (-1, b""), gevent.lock.Semaphore()  # (version, the newest live newsletters then)
-
-def snapshot():
-    """A new client's start: the newest live newsletters as of head; what changed since follows from the log."""
-    global first_page
-    with first_page_lock:  # a storm of new clients waits for one query instead of each sending its own
-        if first_page[0] != head:
-            cursor = head  # read once: the query yields, and head may move meanwhile
-            rows = query(f"SELECT * FROM (SELECT {COLUMNS} FROM newsletters WHERE NOT deleted AND version <= %s"
-                         " ORDER BY id DESC LIMIT %s) AS newest ORDER BY version", cursor, NEWEST)
-            first_page = (cursor, b"".join(map(frame, rows)))
-        return first_page[1], first_page[0]
-
 # ---- routes -----------------------------------------------------------------
 app = bottle.Bottle()
-
-def json_error(res):
-    """Every error as {"error": "..."}; a client never sees a traceback."""
-    response.content_type = "application/json"
-    return to_json({"error": res.body})  # our own words; tracebacks go to the log only
-app.default_error_handler = json_error
+bottle.BaseResponse.default_content_type = "application/json"  # every answer is JSON unless a route says otherwise
+app.default_error_handler = lambda res: to_json({"error": res.body})  # our own words: tracebacks go to the log only
 
 @app.hook("before_request")
 def authorize():
-    """Answers are JSON unless a route says otherwise; with WRITE_TOKEN set, writes need it as a bearer token."""
-    response.content_type = "application/json"  # (the raw header below: Bottle's decoded one fails on bad bytes)
+    """With WRITE_TOKEN set, writes need it as a bearer token (raw: Bottle's decoded header fails on bad bytes)."""
     if WRITE_TOKEN and request.method in ("POST", "PUT", "DELETE") and not hmac.compare_digest(
             request.environ.get("HTTP_AUTHORIZATION", "").encode("latin-1"), b"Bearer " + WRITE_TOKEN.encode()):
         abort(401, "writing needs the header Authorization: Bearer <WRITE_TOKEN>")
@@ -235,29 +226,31 @@ def events():
     """The change stream: catch-up from the client's cursor, "ready", then every change as it commits."""
     global clients  # Bottle runs a generator route up to its first yield before answering, so abort() works
     given = [v for v in (request.environ.get("HTTP_LAST_EVENT_ID", ""), request.query.since) if re.fullmatch("[0-9]{1,19}", v)]
-    cursor, first = (int(given[0]) if given else None), b""
-    if cursor is not None and cursor > head and cursor > query("SELECT coalesce(max(version), 0) AS v FROM newsletters")[0]["v"]:
-        cursor, first = None, b"event: reset\ndata: {}\n\n"  # the database was recreated: start over
-    frames, cursor = snapshot() if cursor is None else since(cursor)
+    cursor = int(given[0]) if given else None
+    reset = (cursor or 0) > head and cursor > query("SELECT coalesce(max(version), 0) AS v FROM newsletters")[0]["v"]
+    frames, cursor = since(None if reset else cursor)  # reset: the database was recreated, so start over
     response.headers.update({"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                              "X-Accel-Buffering": "no"})  # nginx: pass each frame on at once
+    sock, chunked = request.environ["newsletter.socket"], request.environ["SERVER_PROTOCOL"] != "HTTP/1.0"
+    chunk = lambda data: b"%x\r\n%s\r\n" % (len(data), data) if chunked and data else data  # HTTP/1.0: as it is
+    ready = b"id: %d\nevent: ready\ndata: {\"version\": %d}\n\n" % (cursor, cursor)
+    frames = chunk(b"event: reset\ndata: {}\n\n" * reset + frames + ready)
     clients += 1
     try:
-        yield b"retry: 2000\n\n"  # small on purpose: Bottle keeps a stream's first chunk until it ends
-        yield b"%s%sid: %d\nevent: ready\ndata: {\"version\": %d}\n\n" % (first, frames, cursor, cursor)
-        del first, frames  # a parked stream pins no frames: its memory is its socket, not the changes
+        yield b"retry: 2000\n\n"  # pywsgi sends the headers with it; after it, frames go straight to the socket
         while True:
-            if head > cursor:
+            sock.sendall(frames)  # blocks this greenlet only, at most CLIENT_TIMEOUT
+            del frames  # a parked stream pins no frames: its memory is its socket, not the changes
+            if head > cursor:  # behind (just connected, or its client was slow): catch up at the client's pace
                 frames, cursor = since(cursor)
-                yield frames
-                del frames
-            else:  # no timer of its own: with thousands of streams, timers cost more than the sends
-                news.wait()  # set after every read of the table: a change, or CHECK_EVERY quiet seconds
-                if head <= cursor:
-                    yield b": ping\n\n"  # a quiet stream says it is alive, so proxies keep it open
-    except bottle.HTTPError:  # the database went away while reading old changes: the client resumes later
+                frames = chunk(frames)
+            else:  # caught up: broadcast() writes for it from now on, and wakes it only if its client lags
+                parked[sock.fileno()] = (sock.fileno(), wake := gevent.event.AsyncResult(), chunked)
+                frames, cursor = wake.get()  # what broadcast() could not write, framed already
+    except (bottle.HTTPError, OSError):  # the database went away, or the client did: it resumes later
         return
-    finally:  # the client went away (a write failed or timed out) or the server is stopping
+    finally:  # also when the server is stopping
+        parked.pop(sock.fileno(), None)
         clients -= 1
 
 @app.get("/healthz")
@@ -265,10 +258,16 @@ def healthz():
     """200 while the listener is connected, else 503."""
     return to_json({"ok": True, "version": head, "clients": clients}) if listening else abort(503, "not listening")
 
-def protected(environ, start_response):
-    """Every response, errors included, tells browsers not to guess content types or leak URLs."""
-    extra = [("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer")]
-    return app(environ, lambda status, headers, *exc: start_response(status, headers + extra, *exc))
+class Handler(WSGIHandler):
+    """pywsgi's handler, with a smaller read buffer, the socket lent to streams, and two headers for browsers."""
+    def __init__(self, sock, *args):
+        super().__init__(sock, *args)
+        self.rfile = sock.makefile("rb", 512)  # a stream reads one request: 8 KB of buffer was a third of its memory
+    def get_environ(self):  # once pywsgi has sent a stream's headers, the stream writes to the socket itself
+        return {**super().get_environ(), "newsletter.socket": self.socket}
+    def start_response(self, status, headers, exc_info=None):  # every response: don't guess types, don't leak URLs
+        safety = [("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer")]
+        return super().start_response(status, headers + safety, exc_info)
 
 # ---- main -------------------------------------------------------------------
 def first_line(error):
@@ -285,15 +284,16 @@ def main():
         where = re.sub(r":[^:@/]*@", ":***@", DATABASE_URL) or "DATABASE_URL unset"  # never print a password
         sys.exit(f"error: cannot reach PostgreSQL ({where}): {first_line(e)}."
                  " Set DATABASE_URL, start PostgreSQL, or run `docker compose up`.")
+    gc.set_threshold(700, 10, 1000)  # full collections visit every stream's objects (0.7s at 10,000): 100x rarer
     resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
     socket.setdefaulttimeout(CLIENT_TIMEOUT)  # applies to accepted client sockets, not to libpq's
     if not WRITE_TOKEN and HOST not in ("localhost", "::1") and not HOST.startswith("127."):
-        log.warning("warning: HOST=%s and WRITE_TOKEN is unset: anyone who can reach this port can write", HOST)
+        logging.warning("warning: HOST=%s and WRITE_TOKEN is unset: anyone who can reach this port can write", HOST)
     gevent.spawn(listen)
-    server = WSGIServer((HOST, PORT), protected, log=None, backlog=4096)  # room for a storm of connects
+    server = WSGIServer((HOST, PORT), app, log=None, backlog=4096, handler_class=Handler)  # backlog: connection storms
     for sig in (signal.SIGINT, signal.SIGTERM):
         gevent.signal_handler(sig, server.stop, 1)  # close streams, wait at most 1s, return from serve_forever
-    log.info("serving on http://%s:%d (version %d)", HOST, PORT, head)
+    logging.info("serving on http://%s:%d (version %d)", HOST, PORT, head)
     server.serve_forever()
 
 if __name__ == "__main__":

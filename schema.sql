@@ -1,6 +1,9 @@
--- Live newsletter schema. Re-runnable: app.py applies it at every start
--- (under an advisory lock, so several processes may start at once).
+-- Live newsletter schema. Re-runnable: app.py applies it at every start, in one transaction.
 -- Needs PostgreSQL 14 or newer (CREATE OR REPLACE TRIGGER).
+
+-- Processes that start together take turns (concurrent CREATE ... IF NOT EXISTS can collide);
+-- the lock is held until the applying transaction commits.
+SELECT pg_advisory_xact_lock(hashtext('newsletters_schema'));
 
 CREATE TABLE IF NOT EXISTS newsletters (
     id          bigserial   PRIMARY KEY,

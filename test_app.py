@@ -437,6 +437,34 @@ def test_a_quiet_stream_gets_only_live_changes_after_ready(app):
         assert stream.changes(3) == rows
 
 
+def test_a_client_that_falls_behind_gets_every_change_in_order_once_it_reads_again(app):
+    with listen() as fast, listen() as slow:
+        fast.ready()
+        slow.ready()
+        rows = []
+        for i in range(40):  # 8 MB while `slow` reads nothing: more than its socket buffers take
+            rows.append(publish(f"Pile {i}", f"{i} " + "z" * 200_000))
+            assert fast.next()["data"] == rows[-1]  # the others are not held up
+        assert slow.changes(40) == rows  # intact, in order, each once: its greenlet took over, then caught up
+        row = publish("Then live again")
+        assert slow.next()["data"] == fast.next()["data"] == row
+
+
+def test_an_http_1_0_client_gets_the_stream_without_chunked_encoding(app):
+    with socket.create_connection(("127.0.0.1", app.port), timeout=WAIT) as old:
+        old.sendall(b"GET /events HTTP/1.0\r\nLast-Event-ID: %d\r\n\r\n" % newest_version())
+        received = b""
+        while b"event: ready" not in received:
+            received += old.recv(65536)
+        row = publish("To an old client")
+        frame = b'id: %d\nevent: newsletter\ndata: {"id": %d' % (row["version"], row["id"])
+        while frame not in received:
+            received += old.recv(65536)
+    headers, _, body = received.partition(b"\r\n\r\n")
+    assert b"Transfer-Encoding" not in headers and body.startswith(b"retry: 2000\n\n")
+    assert b"\r\n" not in body  # no chunk sizes between the frames
+
+
 # ---- the REST API ------------------------------------------------------------------
 def test_the_list_is_newest_first_and_paginated(app):
     rows = [publish(f"Page {i}") for i in range(5)]
@@ -894,10 +922,11 @@ def test_serving_beyond_loopback_without_a_token_warns_that_anyone_can_write(dat
         assert "anyone" not in output(app)
 
 
-def test_every_response_carries_nosniff_and_a_referrer_policy(app):
+def test_every_response_says_its_content_type_carries_nosniff_and_a_referrer_policy(app):
     for method, path in [("GET", "/"), ("GET", "/newsletters"), ("GET", "/nowhere"), ("POST", "/newsletters"),
                          ("GET", "/healthz")]:
         res = request(method, path, b"{bad" if method == "POST" else None)
+        assert res.headers["Content-Type"].startswith("text/html" if path == "/" else "application/json"), path
         assert res.headers["X-Content-Type-Options"] == "nosniff", path
         assert res.headers["Referrer-Policy"] == "no-referrer", path
     with listen() as stream:
