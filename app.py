@@ -9,8 +9,7 @@ Try it:  psql -c "INSERT INTO newsletters (title, content) VALUES ('Hello', 'fro
 from gevent import monkey
 monkey.patch_all()  # first of all: sockets, select() and sleep() must yield to other greenlets
 
-import collections, contextlib, functools, gc, hmac, itertools, json, logging, os, pathlib, re, resource, select
-import signal, socket, sys
+import collections, contextlib, gc, hmac, itertools, json, logging, os, pathlib, re, resource, select, signal, sys
 
 import bottle, gevent, gevent.event, gevent.lock, gevent.queue, gevent.socket, psycopg2, psycopg2.errors, psycopg2.extras
 from bottle import abort, request, response
@@ -77,7 +76,7 @@ def query(sql, *args):
     finally:
         pool.put(conn if conn and not conn.closed else None)
 
-to_json = functools.partial(json.dumps, ensure_ascii=False, default=lambda t: t.isoformat())  # timestamps: ISO 8601
+to_json = json.JSONEncoder(ensure_ascii=False, default=lambda t: t.isoformat()).encode  # timestamps: ISO 8601
 
 def frame(row):
     """One change as an SSE frame: built once, then sent as-is to every stream."""
@@ -264,7 +263,8 @@ class Handler(WSGIHandler):
         super().__init__(sock, *args)
         self.rfile = sock.makefile("rb", 512)  # a stream reads one request: 8 KB of buffer was a third of its memory
     def get_environ(self):  # once pywsgi has sent a stream's headers, the stream writes to the socket itself
-        return {**super().get_environ(), "newsletter.socket": self.socket}
+        environ, self.headers = super().get_environ(), None  # the parsed request headers (1 KB) are in environ now
+        return {**environ, "newsletter.socket": self.socket}
     def start_response(self, status, headers, exc_info=None):  # every response: don't guess types, don't leak URLs
         safety = [("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer")]
         return super().start_response(status, headers + safety, exc_info)
@@ -286,7 +286,7 @@ def main():
                  " Set DATABASE_URL, start PostgreSQL, or run `docker compose up`.")
     gc.set_threshold(700, 10, 1000)  # full collections visit every stream's objects (0.7s at 10,000): 100x rarer
     resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
-    socket.setdefaulttimeout(CLIENT_TIMEOUT)  # applies to accepted client sockets, not to libpq's
+    gevent.socket.setdefaulttimeout(CLIENT_TIMEOUT)  # applies to accepted client sockets, not to libpq's
     if not WRITE_TOKEN and HOST not in ("localhost", "::1") and not HOST.startswith("127."):
         logging.warning("warning: HOST=%s and WRITE_TOKEN is unset: anyone who can reach this port can write", HOST)
     gevent.spawn(listen)
