@@ -295,17 +295,15 @@ def own_database():
         yield pg
 
 
-def database_url(name):
-    """Another database on the run's server: DSN with its name changed."""
-    return psycopg2.extensions.make_dsn(DSN, dbname=name)
-
-
 @contextlib.contextmanager
 def new_database(name):
-    """A new, empty database on the run's server (no table yet), dropped at the end: its URL."""
+    """A new, empty database on the run's server (no table yet), dropped at the end.
+
+    Yields its connection string: DSN with the database name changed.
+    """
     psql(f"CREATE DATABASE {name}")
     try:
-        yield database_url(name)
+        yield psycopg2.extensions.make_dsn(DSN, dbname=name)
     finally:
         psql(f"DROP DATABASE {name} WITH (FORCE)")
 
@@ -600,7 +598,7 @@ def listener_version(app=None):
 
 
 def caught_up(app=None):
-    """Wait until the app's listener has read every committed change."""
+    """Wait until the app's listener (on the run's database) has read every committed change."""
     target = newest_version()
     eventually(
         lambda: listener_version(app) >= target,
