@@ -1660,3 +1660,139 @@ def test_the_page_looks_right_with_a_few_newsletters(tabs, site):
     path = os.path.join(folder, "preview.png")
     page.screenshot(path=path, full_page=False)
     assert os.path.getsize(path) > 10_000
+
+
+def editing(page, nid):
+    """Open the edit form of the card with this id, as a user would; the form."""
+    shown = page.locator(f'article[data-id="{nid}"]')
+    shown.get_by_role("button", name="Edit").click()
+    return shown.locator("form")
+
+
+def stored(nid, site):
+    """What the database holds for a newsletter: title, content, deleted."""
+    sql = "SELECT title, content, deleted FROM newsletters WHERE id = %s"
+    return psql(sql, nid, url=site.dsn)[0]
+
+
+def besides_412(page):
+    """The page's console errors, less Chromium's line for each 412 answer (a refusal we expect)."""
+    return [p for p in page.problems if "status of 412" not in p]
+
+
+def test_a_save_on_one_page_is_shown_on_the_other_and_overwrites_only_when_asked(tabs, site):
+    sql = "INSERT INTO newsletters (title, content) VALUES ('Shared draft', 'x') RETURNING id"
+    nid = psql(sql, url=site.dsn)[0][0]
+    a, b = tabs(), tabs()
+    in_a, in_b = editing(a, nid), editing(b, nid)
+    in_b.locator("input[name=title]").fill("Title from B")
+    in_a.locator("input[name=title]").fill("Title from A")
+    in_a.get_by_role("button", name="Save", exact=True).click()
+    notice = in_b.locator(".conflict[role=alert]")
+    notice.get_by_text("Someone else changed this newsletter while you were editing it.").wait_for()
+    assert "Title from A" in notice.inner_text()
+    assert in_b.locator("input[name=title]").input_value() == "Title from B"  # as typed
+    with b.expect_response(lambda r: r.request.method == "PUT") as answer:
+        in_b.get_by_role("button", name="Save", exact=True).click()
+    assert answer.value.status == 412
+    notice.get_by_text("Not saved: someone else changed this newsletter").wait_for()
+    assert stored(nid, site)[0] == "Title from A"
+    notice.get_by_role("button", name="Keep my edit").click()
+    assert notice.is_hidden()
+    in_b.get_by_role("button", name="Save over theirs").click()
+    shows(a, "Title from B")
+    assert stored(nid, site)[0] == "Title from B"
+    assert besides_412(a) == [] and besides_412(b) == []
+
+
+def test_discarding_an_edit_after_a_psql_update_shows_the_new_text(tabs, site):
+    sql = "INSERT INTO newsletters (title, content) VALUES ('Before psql', 'old') RETURNING id"
+    nid = psql(sql, url=site.dsn)[0][0]
+    page = tabs()
+    form = editing(page, nid)
+    form.locator("textarea[name=content]").fill("Typed here, then dropped")
+    sql = "UPDATE newsletters SET title = 'After psql', content = 'new\nlines' WHERE id = %s"
+    psql(sql, nid, url=site.dsn)
+    notice = form.locator(".conflict[role=alert]")
+    notice.get_by_text("Someone else changed this newsletter").wait_for()
+    assert notice.locator(".their-title").inner_text() == "After psql"
+    assert notice.locator(".their-content").inner_text() == "new\nlines"
+    assert form.locator("textarea[name=content]").input_value() == "Typed here, then dropped"
+    notice.get_by_role("button", name="Discard my edit").click()
+    shown = page.locator(f'article[data-id="{nid}"]')
+    assert shown.locator("form").count() == 0
+    assert shown.locator("h2").inner_text() == "After psql"
+    assert shown.locator(".content").inner_text() == "new\nlines"
+    assert stored(nid, site)[:2] == ("After psql", "new\nlines")
+    assert page.problems == []
+
+
+def test_a_delete_on_one_page_while_the_other_edits_is_shown_as_such(tabs, site):
+    sql = "INSERT INTO newsletters (title, content) VALUES ('Soon deleted', 'x') RETURNING id"
+    nid = psql(sql, url=site.dsn)[0][0]
+    a, b = tabs(), tabs()
+    form = editing(b, nid)
+    form.locator("textarea[name=content]").fill("Worth keeping")
+    a.locator(f'article[data-id="{nid}"]').get_by_role("button", name="Delete").click()
+    notice = form.locator(".conflict[role=alert]")
+    notice.get_by_text("Someone else deleted this newsletter while you were editing it.").wait_for()
+    assert notice.get_by_role("button", name="Keep my edit").is_hidden()
+    with b.expect_response(lambda r: r.request.method == "PUT") as answer:
+        form.get_by_role("button", name="Save", exact=True).click()
+    assert answer.value.status == 412
+    notice.get_by_text("Not saved: someone else deleted this newsletter").wait_for()
+    assert stored(nid, site)[2] is True
+    notice.get_by_role("button", name="Publish mine as new").click()
+    b.locator(f'article[data-id="{nid}"]').wait_for(state="detached")
+    shows(a, "Soon deleted")
+    assert card(a, "Soon deleted").locator(".content").inner_text() == "Worth keeping"
+    assert besides_412(a) == [] and besides_412(b) == []
+
+
+def test_a_save_refused_with_412_shows_the_change_the_answer_carries(browser, site):
+    sql = "INSERT INTO newsletters (title, content) VALUES ('Unseen change', 'x') RETURNING id"
+    nid = psql(sql, url=site.dsn)[0][0]
+    row = next(r for r in request("GET", "/newsletters", app=site.app).json if r["id"] == nid)
+    # A stream that delivers this row, then nothing more: the page hears of changes only in answers.
+    frames = (
+        f"retry: 3600000\n\nid: {row['version']}\nevent: newsletter\ndata: {json.dumps(row)}\n\n"
+        f'id: {row["version"]}\nevent: ready\ndata: {{"version": {row["version"]}}}\n\n'
+    )
+    context = browser.new_context()
+    try:
+        stream = {"status": 200, "content_type": "text/event-stream", "body": frames}
+        context.route("**/events*", lambda route: route.fulfill(**stream))
+        page = context.new_page()
+        page.goto(site.app.url)
+        form = editing(page, nid)
+        sql = "UPDATE newsletters SET content = 'changed from psql' WHERE id = %s"
+        psql(sql, nid, url=site.dsn)
+        form.locator("input[name=title]").fill("Saved over it")
+        with page.expect_response(lambda r: r.request.method == "PUT") as answer:
+            form.get_by_role("button", name="Save", exact=True).click()
+        assert answer.value.status == 412
+        notice = form.locator(".conflict[role=alert]")
+        notice.get_by_text("Not saved: someone else changed this newsletter").wait_for()
+        assert "changed from psql" in notice.inner_text()
+        notice.get_by_role("button", name="Keep my edit").click()
+        form.get_by_role("button", name="Save over theirs").click()
+        page.locator(f'article[data-id="{nid}"] h2', has_text="Saved over it").wait_for()
+        assert stored(nid, site)[:2] == ("Saved over it", "x")  # the form as typed, all of it
+    finally:
+        context.close()
+
+
+def test_dates_javascript_cannot_read_are_shown_as_postgresql_wrote_them(tabs, site):
+    psql(
+        "INSERT INTO newsletters (title, content, created_at)"
+        " VALUES ('From the year 12000', 'x', '12000-01-01'), ('Since forever', 'x', 'infinity')",
+        url=site.dsn,
+    )
+    page = tabs()
+    listed = {r["title"]: r for r in request("GET", "/newsletters", app=site.app).json}
+    for title in ("From the year 12000", "Since forever"):
+        shows(page, title)
+        meta = card(page, title).locator(".meta").inner_text()
+        assert meta.startswith(listed[title]["created_at"] + " · edited ")
+        assert "Invalid Date" not in meta
+    assert page.problems == []
