@@ -1796,3 +1796,531 @@ def test_dates_javascript_cannot_read_are_shown_as_postgresql_wrote_them(tabs, s
         assert meta.startswith(listed[title]["created_at"] + " · edited ")
         assert "Invalid Date" not in meta
     assert page.problems == []
+
+
+# ---- bounded under abuse ----
+MB = 1_000_000
+
+
+def newest_version_in(url):
+    """The newest version in the database at url (newest_version() reads the session's database)."""
+    return psql("SELECT coalesce(max(version), 0) FROM newsletters", url=url)[0][0]
+
+
+def settled(app, url):
+    """Wait until the app's listener has read every change committed to the database at url."""
+    deadline = time.time() + WAIT
+    while request("GET", "/healthz", app=app).json.get("version") != newest_version_in(url):
+        assert time.time() < deadline, "the listener did not catch up"
+        time.sleep(0.05)
+
+
+def clients(app):
+    return request("GET", "/healthz", app=app).json["clients"]
+
+
+@contextlib.contextmanager
+def peak_rss(app):
+    """The app's highest RSS in KB (peak.kb) while the with-block runs, sampled every 50 ms."""
+    peak = SimpleNamespace(kb=rss_kb(app))
+    done = threading.Event()
+
+    def sample():
+        while not done.wait(0.05):
+            peak.kb = max(peak.kb, rss_kb(app))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield peak
+    finally:
+        done.set()
+        sampler.join()
+        peak.kb = max(peak.kb, rss_kb(app))
+
+
+def stalled_stream(app):
+    """A client that asks for /events with a tiny receive buffer and never reads a byte of it."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", app.port))
+    s.sendall(b"GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    return s
+
+
+def read_to_the_end(s):
+    """All a socket receives until the server closes it, resets it, or goes quiet (its timeout)."""
+    answer = b""
+    with contextlib.suppress(OSError):
+        chunk = s.recv(65536)
+        while chunk:
+            answer += chunk
+            chunk = s.recv(65536)
+    return answer
+
+
+def answer_to(app, head):
+    """Send raw bytes; all the server sends back before it closes (b"" if it just closes)."""
+    with socket.create_connection(("127.0.0.1", app.port), timeout=WAIT) as s:
+        s.sendall(head)
+        return read_to_the_end(s)
+
+
+def json_error(answer):
+    """The error message of a raw JSON error answer."""
+    body = json.loads(answer.partition(b"\r\n\r\n")[2])
+    assert isinstance(body["error"], str), body
+    return body["error"]
+
+
+def test_forty_clients_that_never_read_twenty_1_mb_newsletters_cost_the_app_little_memory(
+    empty_database,
+):
+    with running_app(empty_database) as app:
+        psql(
+            "INSERT INTO newsletters (title, content)"
+            " SELECT 'Big ' || i, repeat('x', %s) FROM generate_series(1, 20) i",
+            MB,
+            url=empty_database,
+        )
+        settled(app, empty_database)
+        with listen(app) as reader:  # the shared first page is built once, before we measure
+            catch_up, _ = reader.ready()
+        assert len(catch_up) == 20
+        stalled = []
+        try:
+            with peak_rss(app) as peak:
+                before = rss_kb(app)
+                stalled = [stalled_stream(app) for _ in range(40)]
+                deadline = time.time() + WAIT
+                while clients(app) < 40:  # (the reader above counts until a write to it fails)
+                    assert time.time() < deadline, "the 40 streams never all opened"
+                    time.sleep(0.1)
+                time.sleep(3)
+            assert clients(app) >= 40  # still connected: held, not dropped
+            with listen(app) as another:  # and nobody else is held up
+                assert len(another.ready()[0]) == 20
+        finally:
+            for s in stalled:
+                s.close()
+    print(f"40 stalled clients x 20 MB: the app grew by {peak.kb - before} KB")
+    assert peak.kb - before < 100_000  # 40 copies of the catch-up would be 800 MB
+
+
+def test_a_client_resuming_from_0_gets_200_newsletters_of_1_mb_while_the_app_stays_small(
+    empty_database,
+):
+    with open(os.path.join(HERE, "schema.sql")) as f:
+        psql(f.read(), url=empty_database)
+    psql(
+        "INSERT INTO newsletters (title, content)"
+        " SELECT 'Big ' || i, repeat('x', %s) FROM generate_series(1, 200) i",
+        MB,
+        url=empty_database,
+    )
+    truth = psql("SELECT id, version FROM newsletters ORDER BY version", url=empty_database)
+    with running_app(empty_database) as app:
+        before = rss_kb(app)
+        received = []
+        with peak_rss(app) as peak, listen(app, last_event_id=0) as stream:
+            while True:
+                event = stream.next()
+                if event["event"] == "ready":
+                    break
+                row = event["data"]
+                assert int(event["id"]) == row["version"] and len(row["content"]) == MB
+                received.append((row["id"], row["version"]))
+                time.sleep(0.02)  # a slow reader: the app must wait for it, not buffer for it
+        ready = event["data"]["version"]
+    print(f"resume from 0 over 200 MB: the app grew by at most {peak.kb - before} KB")
+    assert received == truth  # every row, once, in version order
+    assert ready == truth[-1][1]
+    assert peak.kb - before < 100_000  # the whole table at once would be 200 MB, several times over
+
+
+def test_a_psql_session_holding_the_version_lock_gets_writes_a_503_and_piles_up_no_sessions(
+    empty_database,
+):
+    name = f"newsletter-lock-{os.getpid()}"
+    with running_app(empty_database, PGAPPNAME=name) as app:
+        holder = psycopg2.connect(empty_database)
+        answers, sessions, rounds = [], [], []
+        done = threading.Event()
+
+        def sample():
+            while not done.wait(0.1):
+                sessions.append(app_connections(name))
+
+        def write(i):
+            body = {"title": f"Behind the lock {i}", "content": "x"}
+            answers.append(request("POST", "/newsletters", body, app=app))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        try:
+            with holder.cursor() as cur:  # BEGIN; INSERT ...; and wait
+                cur.execute("INSERT INTO newsletters (title, content) VALUES ('Held', 'lock')")
+            sampler.start()
+            for _ in range(3):
+                started = time.time()
+                writers = [threading.Thread(target=write, args=(i,)) for i in range(8)]
+                for t in writers:
+                    t.start()
+                for t in writers:
+                    t.join()
+                rounds.append(round(time.time() - started, 1))
+        finally:
+            done.set()
+            if sampler.is_alive():
+                sampler.join()
+            holder.rollback()
+            holder.close()
+        print(f"rounds took {rounds} s; app sessions seen: max {max(sessions)}")
+        assert [a.status for a in answers] == [503] * 24
+        assert all(isinstance(a.json["error"], str) for a in answers)
+        assert max(sessions) <= POOL_SIZE + 1, sessions
+        res = request("POST", "/newsletters", {"title": "After the lock", "content": "x"}, app=app)
+        assert res.status == 201, res.json
+        assert app_connections(name) <= POOL_SIZE + 1
+
+
+def post_chunked(app, pieces):
+    """A POST whose body is sent with Transfer-Encoding: chunked, one chunk per piece."""
+    conn = http.client.HTTPConnection("127.0.0.1", app.port, timeout=WAIT)
+    try:
+        headers = {"Content-Type": "application/json", "Transfer-Encoding": "chunked"}
+        conn.request(
+            "POST", "/newsletters", body=iter(pieces), headers=headers, encode_chunked=True
+        )
+        res = conn.getresponse()
+        return SimpleNamespace(status=res.status, json=json.loads(res.read()))
+    finally:
+        conn.close()
+
+
+def test_a_chunked_post_is_published_like_any_other(app):
+    body = json.dumps({"title": "Sent in chunks", "content": "one\ntwo"}).encode()
+    with listen() as stream:
+        stream.ready()
+        res = post_chunked(app, [body[:10], body[10:25], body[25:]])
+        assert res.status == 201, res.json
+        assert stream.next()["data"] == res.json
+    assert res.json["title"] == "Sent in chunks" and res.json["content"] == "one\ntwo"
+
+
+def oversized_post(app, framing, headers=b"Content-Type: application/json", size=20 * MB):
+    """POST a body of size bytes from a thread: the answer, the bytes sent, the app's RSS growth."""
+    s = socket.create_connection(("127.0.0.1", app.port), timeout=10)
+    s.sendall(
+        b"POST /newsletters HTTP/1.1\r\nHost: 127.0.0.1\r\n%s\r\n%s\r\n\r\n" % (headers, framing)
+    )
+    opening = b'{"title": "Too big", "content": "'
+    sent = SimpleNamespace(bytes=0)
+
+    def send():
+        with contextlib.suppress(OSError):  # reset, closed, or no longer taken (a timeout)
+            while sent.bytes < size:
+                piece = b"x" * 65_536
+                if sent.bytes == 0:
+                    piece = opening + piece[len(opening) :]
+                if framing.startswith(b"Transfer-Encoding"):
+                    piece = b"%x\r\n%s\r\n" % (len(piece), piece)
+                view = memoryview(piece)
+                while view:
+                    n = s.send(view)
+                    sent.bytes += n
+                    view = view[n:]
+
+    sender = threading.Thread(target=send, daemon=True)
+    before = rss_kb(app)
+    with peak_rss(app) as peak:
+        sender.start()
+        answer = read_to_the_end(s)
+        sender.join()
+    s.close()
+    return answer, sent.bytes, peak.kb - before
+
+
+def test_a_body_over_the_limit_gets_413_chunked_or_not_and_is_not_read_to_its_end(app):
+    before = table_state()
+    for framing in (b"Transfer-Encoding: chunked", b"Content-Length: %d" % (20 * MB)):
+        answer, sent, growth = oversized_post(app, framing)
+        print(f"{framing.decode()}: {sent / MB:.1f} MB sent of 20; the app grew by {growth} KB")
+        assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+        assert json_error(answer) == "the request body is too large"
+        assert sent < 15 * MB  # the server stopped taking it, well before its end
+        assert growth < 10_000  # and never held it
+    assert table_state() == before
+    assert request("GET", "/healthz").status == 200
+
+
+REFUSED = [
+    (b"Content-Type: text/plain", b"Transfer-Encoding: chunked", 415),
+    (b"Content-Type: text/plain", b"Content-Length: %d" % (20 * MB), 415),
+    (
+        b"Content-Type: application/json\r\nOrigin: http://evil.example",
+        b"Transfer-Encoding: chunked",
+        403,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "headers, framing, status",
+    REFUSED,
+    ids=["text/plain chunked", "text/plain sized", "cross-site"],
+)
+def test_a_refused_write_does_not_read_its_body_past_the_limit_either(
+    app, headers, framing, status
+):
+    answer, sent, growth = oversized_post(app, framing, headers)
+    print(
+        f"{status} to {framing.decode()}: {sent / MB:.1f} MB sent of 20; the app grew {growth} KB"
+    )
+    assert answer.startswith(b"HTTP/1.1 %d " % status), answer[:200]
+    json_error(answer)
+    assert growth < 10_000
+    assert sent < 15 * MB  # not read (and thrown away) to its end, however long it is
+
+
+def test_a_client_that_trickles_its_request_head_a_byte_every_2_seconds_is_closed_within_15_s(app):
+    def trickle(opening, rest, results):
+        """Send opening, then a byte of rest every 2 s: seconds until the server answers."""
+        started = time.time()
+        answer = b""
+        connection = socket.create_connection(("127.0.0.1", app.port), timeout=2)
+        with connection as s, contextlib.suppress(OSError):  # a reset counts as closed
+            s.sendall(opening)
+            for byte in rest:
+                if time.time() - started > 20:
+                    break  # held: the assertion below says so
+                try:
+                    answer = s.recv(65536)
+                    break  # answered, or closed
+                except TimeoutError:
+                    s.sendall(bytes([byte]))
+        results.append((round(time.time() - started, 1), answer))
+
+    line, headers = [], []
+    trickles = [
+        threading.Thread(target=trickle, args=(b"", b"GET /newsletters HTTP/1.1\r\n" * 2, line)),
+        threading.Thread(
+            target=trickle,
+            args=(
+                b"GET /newsletters HTTP/1.1\r\nHost: 127.0.0.1\r\n",
+                b"X-Slow: " + b"y" * 30,
+                headers,
+            ),
+        ),
+    ]
+    for t in trickles:
+        t.start()
+    for t in trickles:
+        t.join()
+    print(
+        f"a trickled request line was closed after {line[0][0]} s, headers after {headers[0][0]} s"
+    )
+    for seconds, answer in line + headers:
+        assert seconds <= 15, "a trickling client held its connection"
+        assert answer == b"" or answer.startswith(b"HTTP/1.1 400 "), answer
+    assert request("GET", "/healthz").status == 200
+
+
+SIMPLE_TYPES = [
+    "text/plain",
+    "application/x-www-form-urlencoded",
+    "multipart/form-data; boundary=x",
+]
+
+
+@pytest.mark.parametrize("content_type", SIMPLE_TYPES)
+def test_a_write_of_a_type_a_cross_site_form_can_send_gets_415_and_writes_nothing(
+    app, content_type
+):
+    row = publish("Target of a form")
+    before = table_state()
+    body = {"title": "From a form elsewhere", "content": "valid JSON all the same"}
+    for method, path in [("POST", "/newsletters"), ("PUT", f"/newsletters/{row['id']}")]:
+        res = request(method, path, body, headers={"Content-Type": content_type})
+        assert res.status == 415, (method, res.status, res.json)
+        assert "application/json" in res.json["error"]
+    assert table_state() == before
+    res = request(
+        "POST", "/newsletters", body, headers={"Content-Type": "application/json; charset=utf-8"}
+    )
+    assert res.status == 201
+
+
+def test_a_write_from_another_origin_gets_403_and_writes_nothing_and_one_from_its_own_works(app):
+    row = publish("Target of another site")
+    before = table_state()
+    body = {"title": "Cross-site", "content": "x"}
+    writes = [
+        ("POST", "/newsletters", body),
+        ("PUT", f"/newsletters/{row['id']}", body),
+        ("DELETE", f"/newsletters/{row['id']}", None),
+    ]
+    for origin in [
+        "http://evil.example",
+        "null",  # a sandboxed frame or a file:// page
+        f"http://127.0.0.1:{app.port}.evil.example",
+        "http://127.0.0.1:1",
+        f"http://localhost:{app.port}",  # the same machine, but another origin than Host names
+    ]:
+        for method, path, data in writes:
+            res = request(method, path, data, headers={"Origin": origin})
+            assert res.status == 403, (origin, method, res.status, res.json)
+            assert "Origin" in res.json["error"]
+    assert table_state() == before
+    own = {"Origin": f"http://127.0.0.1:{app.port}"}
+    assert [request(method, path, data, headers=own).status for method, path, data in writes] == [
+        201,
+        200,
+        204,
+    ]
+
+
+@pytest.mark.parametrize("origin", ["http://[", "http://[::1", "http://a:b:c", "http://x:99999"])
+def test_a_write_with_a_malformed_origin_gets_403_and_logs_no_traceback(app, origin):
+    tracebacks = output(app).count("Traceback")
+    before = table_state()
+    body = {"title": "Odd origin", "content": "x"}
+    res = request("POST", "/newsletters", body, headers={"Origin": origin})
+    assert res.status == 403, (res.status, res.json)
+    assert isinstance(res.json["error"], str)
+    assert table_state() == before
+    assert output(app).count("Traceback") == tracebacks
+
+
+FOREIGN_HOSTS = [
+    "evil.example",
+    "evil.example:8000",
+    "127.0.0.1.evil.example",
+    "localhost.evil.example:80",
+]
+
+
+def test_a_foreign_host_name_gets_421_as_a_dns_rebinding_page_would_and_loopback_names_work(app):
+    before = table_state()
+    for host in FOREIGN_HOSTS:
+        for method, path, body in [
+            ("GET", "/newsletters", None),
+            ("GET", "/events", None),
+            ("GET", "/", None),
+            ("POST", "/newsletters", {"title": "Rebound", "content": "x"}),
+        ]:
+            res = request(method, path, body, headers={"Host": host})
+            assert res.status == 421, (host, method, path, res.status)
+            assert "Host" in res.json["error"]
+    assert table_state() == before
+    for host in [
+        f"localhost:{app.port}",
+        f"127.0.0.1:{app.port}",
+        f"[::1]:{app.port}",
+        "localhost",
+    ]:
+        assert request("GET", "/newsletters", headers={"Host": host}).status == 200, host
+        own = {"Host": host, "Origin": f"http://{host}"}
+        res = request("POST", "/newsletters", {"title": f"Via {host}", "content": "x"}, headers=own)
+        assert res.status == 201, (host, res.json)
+    with socket.create_connection(("127.0.0.1", app.port), timeout=WAIT) as old:
+        old.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")  # no Host header at all
+        assert old.recv(65536).startswith(b"HTTP/1.1 200 ")
+
+
+def test_allowed_hosts_adds_names_and_a_server_on_all_interfaces_answers_any_name(database):
+    with running_app(database.url, ALLOWED_HOSTS="news.example") as app:
+        for host in ["news.example", "news.example:443", f"127.0.0.1:{app.port}"]:
+            assert request("GET", "/newsletters", headers={"Host": host}, app=app).status == 200, (
+                host
+            )
+        res = request("GET", "/newsletters", headers={"Host": "other.example"}, app=app)
+        assert res.status == 421 and isinstance(res.json["error"], str)
+    with running_app(database.url, HOST="0.0.0.0") as app:  # connect on loopback all the same
+        for host in ["anything.example", "evil.example:8000", f"127.0.0.1:{app.port}"]:
+            assert request("GET", "/newsletters", headers={"Host": host}, app=app).status == 200, (
+                host
+            )
+
+
+def test_a_flood_of_slow_and_oversized_request_heads_logs_a_few_lines_and_no_traceback(database):
+    with running_app(database.url) as app:
+        logged = len(output(app).splitlines())
+        slow = []
+        for i in range(20):  # heads that never end: half in the request line, half in the headers
+            s = socket.create_connection(("127.0.0.1", app.port), timeout=WAIT)
+            if i % 2:
+                s.sendall(b"GET /newsletters HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Partial: ab")
+            else:
+                s.sendall(b"GET /newslet")
+            slow.append(s)
+        started = time.time()
+        crowded = (
+            b"GET /newsletters HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            + b"".join(b"X-Header-%d: %d\r\n" % (i, i) for i in range(120))
+            + b"\r\n"
+        )
+        for _ in range(20):
+            answer = answer_to(app, crowded)
+            assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+            json_error(answer)
+        for s in slow:
+            with contextlib.suppress(ConnectionResetError):
+                answer = s.recv(65536)
+                assert answer == b"" or answer.startswith(b"HTTP/1.1 400 "), answer
+            s.close()
+        waited = time.time() - started
+        log = output(app).splitlines()[logged:]
+        print(f"20 slow heads closed within {waited:.1f} s; {len(log)} lines logged: {log}")
+        assert waited < 15
+        assert not any("Traceback" in line for line in log)
+        assert len(log) <= 4  # one line a second of each kind, at most
+
+
+# ---- start-up ----
+def start_failing(**env):
+    """Run app.py until it exits by itself; its exit status and what it printed on stderr."""
+    env = {**os.environ, "PORT": str(free_port()), **env}
+    done = subprocess.run(
+        [sys.executable, os.path.join(HERE, "app.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+    )
+    return done.returncode, done.stderr, done.stdout
+
+
+UNREACHABLE = [
+    ("host=127.0.0.1 port=1 dbname=x user=bob password=hunter2", ["hunter2", "hunter"]),
+    ("postgresql:///db?host=127.0.0.1&port=1&password=hunter2", ["hunter2", "hunter"]),
+    ("postgresql://bob:pa:ss@127.0.0.1:1/db", ["pa:ss", "ss@", "bob:pa", ":ss"]),
+    ("postgresql://bob:hun/ter2@127.0.0.1:1/db", ["hun/ter2", "ter2", "bob:hun"]),
+    ("postgresql://bob:hunter2@[::1:1/db", ["hunter2", "hunter"]),
+]
+
+
+@pytest.mark.parametrize("url, secrets", UNREACHABLE, ids=[url for url, _ in UNREACHABLE])
+def test_an_unreachable_database_never_prints_any_part_of_the_password(url, secrets):
+    status, err, out = start_failing(DATABASE_URL=url)
+    assert status == 1
+    assert "Traceback" not in err and out == ""
+    assert len(err.strip().splitlines()) == 1, err
+    for secret in secrets:
+        assert secret not in err, err
+
+
+def test_a_port_in_use_gives_one_line_exit_status_1_and_never_says_serving(database):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        status, err, out = start_failing(DATABASE_URL=database.url, PORT=str(port))
+    assert status == 1
+    assert "Traceback" not in err and "serving on" not in err + out
+    assert len(err.strip().splitlines()) == 1 and str(port) in err, err
+
+
+@pytest.mark.parametrize("port", ["abc", "70000", "8000x", ""])
+def test_a_port_that_is_not_a_port_number_gives_one_line_and_exit_status_1(database, port):
+    status, err, out = start_failing(DATABASE_URL=database.url, PORT=port)
+    assert status == 1
+    assert "Traceback" not in err and "serving on" not in err + out
+    assert len(err.strip().splitlines()) == 1 and "PORT" in err, err
