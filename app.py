@@ -1019,12 +1019,15 @@ def main():
         server.init_socket()
     except OSError as e:
         sys.exit(f"error: cannot serve on {HOST}:{PORT}: {e.strerror or first_line(e)}")
-    gevent.spawn(listen)
+    listener = gevent.spawn(listen)
     for sig in (signal.SIGINT, signal.SIGTERM):
         # Close the streams, wait at most 1s for them, and return from serve_forever.
         gevent.signal_handler(sig, server.stop, timeout=1)
     logging.info("serving on http://%s:%s (version %d)", HOST, PORT, latest_version)
     server.serve_forever()
+    # Stopped: the listener goes first, so that a private PostgreSQL stopping after us (atexit)
+    # is not reported as a lost database.
+    listener.kill()
 
 
 if __name__ == "__main__":
