@@ -515,7 +515,11 @@ class Stream:
         self.comments = []
 
     def next(self):
-        """The next event as {"id", "event", "data"}; comment lines (pings) are kept aside."""
+        """The next event as {"id", "event", "data"}; comment lines (pings) are kept aside.
+
+        Pings alone do not keep it waiting: after WAIT seconds without an event, it fails.
+        """
+        started = time.monotonic()
         event = {"id": None, "event": "message"}
         data = []
         while True:
@@ -527,6 +531,8 @@ class Stream:
                 return dict(event, data=json.loads("\n".join(data)))
             if line.startswith(":"):
                 self.comments.append(line)
+                if time.monotonic() - started > WAIT:
+                    raise TimeoutError(f"no event for {WAIT} s, only comments: {line}")
             elif line:
                 field, _, value = line.partition(": ")
                 if field == "data":
