@@ -57,6 +57,15 @@ def app_setting(name):
 POOL_SIZE = app_setting("POOL_SIZE")  # the app's request connections; its listener holds one more
 
 
+def stop_like_ctrl_c(signum, frame):
+    """SIGTERM (a CI time limit, `timeout`) ends the run as Ctrl-C does, stopping every server."""
+    # Python's default for SIGTERM is to die on the spot, leaving PostgreSQL and the apps behind.
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+signal.signal(signal.SIGTERM, stop_like_ctrl_c)
+
+
 # ---- servers: PostgreSQL ----------------------------------------------------------------------
 def free_port():
     """A TCP port nobody listens on right now."""
