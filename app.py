@@ -253,20 +253,9 @@ def sse_frame(version, row_json):
     return b"id: %d\nevent: newsletter\ndata: %s\n\n" % (version, row_json)
 
 
-def read_page(conn, after, upto):
-    """A page of changes after a version and up to another, through conn."""
-    with conn.cursor() as cur:
-        params = {"after": after, "upto": upto, "rows": PAGE_ROWS, "bytes": PAGE_BYTES}
-        cur.execute(PAGE_OF_CHANGES, params)
-        return cur.fetchall()
-
-
-def page_is_full(rows, frames):
-    """Whether a page of changes stopped at one of its limits, so that more may follow it."""
-    # A page cut short by PAGE_BYTES holds at least PAGE_BYTES of content, and its frames are
-    # bigger still: JSON only adds to the text it carries.
-    size = sum(len(frame) for frame in frames)
-    return len(rows) == PAGE_ROWS or size >= PAGE_BYTES
+def page_of_changes(after, upto):
+    """The parameters of PAGE_OF_CHANGES: the changes after one version and up to another."""
+    return {"after": after, "upto": upto, "rows": PAGE_ROWS, "bytes": PAGE_BYTES}
 
 
 def remember(row_id, change):
@@ -293,7 +282,9 @@ def read_changes(conn):
     next_read = gevent.event.Event()
     found = False
     while True:
-        rows = read_page(conn, latest_version, ANY_VERSION)
+        with conn.cursor() as cur:
+            cur.execute(PAGE_OF_CHANGES, page_of_changes(latest_version, ANY_VERSION))
+            rows = cur.fetchall()
         if not rows:
             break
         frames = []
@@ -302,9 +293,12 @@ def read_changes(conn):
             remember(row.id, Change(row.version, frame))
             frames.append(frame)
         latest_version = rows[-1].version
-        broadcast(b"".join(frames))
+        batch = b"".join(frames)
+        broadcast(batch)
         found = True
-        if not page_is_full(rows, frames):
+        # A page that stopped short of both limits was the last one. (One cut short by
+        # PAGE_BYTES holds at least that much content, and its frames are bigger still.)
+        if len(rows) < PAGE_ROWS and len(batch) < PAGE_BYTES:
             break
     this_read.set()
     return found
@@ -419,8 +413,7 @@ def frames_from_log(cursor):
 
 def frames_from_table(cursor, upto):
     """The frames of a page of changes after cursor and up to upto; and the page's last version."""
-    params = {"after": cursor, "upto": upto, "rows": PAGE_ROWS, "bytes": PAGE_BYTES}
-    rows = query(PAGE_OF_CHANGES, params)
+    rows = query(PAGE_OF_CHANGES, page_of_changes(cursor, upto))
     if not rows:
         # Every row in between has changed again since: its newest state comes after upto.
         return [], upto

@@ -151,24 +151,25 @@ def xacts(dsn):
     return db_stat(dsn, sql)
 
 
+def is_listener_read(statement):
+    """Whether a logged statement is one of the app's reads of the changes after a version."""
+    return statement.startswith("newsletter|") and "WHERE version > " in statement
+
+
 def app_reads(log):
     """How many times the app has read changes, from PostgreSQL's statement log (private server).
 
     A statement of several lines is logged as it was written: its first line carries the log
     prefix (the application's name), the lines after it start with the statement's indentation.
     """
-    count = 0
+    statements = []
     with open(log, errors="replace") as f:
-        statement = ""
         for line in f:
-            if not line[:1].isspace():
-                if statement.startswith("newsletter|") and "WHERE version > " in statement:
-                    count += 1
-                statement = ""
-            statement += line
-        if statement.startswith("newsletter|") and "WHERE version > " in statement:
-            count += 1
-    return count
+            if line[:1].isspace() and statements:
+                statements[-1] += line
+            else:
+                statements.append(line)
+    return sum(1 for statement in statements if is_listener_read(statement))
 
 
 def percentile(values, p):
