@@ -603,9 +603,12 @@ def raw_streams(app, count, timeout=WAIT):
     return socks
 
 
-def newest_version():
-    """The newest version in the run's table: what a caught-up listener has read."""
-    return psql("SELECT coalesce(max(version), 0) FROM newsletters")[0][0]
+def newest_version(url=None):
+    """The newest version in the table of the run's database (or the one at url).
+
+    What a caught-up listener has read.
+    """
+    return psql("SELECT coalesce(max(version), 0) FROM newsletters", url=url)[0][0]
 
 
 def listener_version(app=None):
@@ -613,9 +616,12 @@ def listener_version(app=None):
     return request("GET", "/healthz", app=app).json.get("version", -1)
 
 
-def caught_up(app=None):
-    """Wait until the app's listener (on the run's database) has read every committed change."""
-    target = newest_version()
+def caught_up(app=None, url=None):
+    """Wait until the app's listener has read every change committed to its database.
+
+    That is the run's database, or the one at url for an app of the test's own.
+    """
+    target = newest_version(url)
     eventually(
         lambda: listener_version(app) >= target,
         message="the listener did not catch up",
@@ -1516,7 +1522,7 @@ def test_a_client_that_stops_reading_delays_nobody_costs_no_memory_and_is_droppe
         stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         stalled.connect(("127.0.0.1", app.port))
         stalled.sendall(STREAM_REQUEST)  # ...and never reads again
-        time.sleep(0.5)
+        eventually(lambda: open_streams(app) == 2, message="the stalled stream never opened")
         memory = rss_kb(app)
         big = "y" * 200_000
         started = time.time()
@@ -1540,10 +1546,11 @@ def test_2000_connects_and_disconnects_leak_no_sockets_greenlets_or_memory(empty
         for _ in range(count):
             with listen(app) as stream:
                 stream.ready()
-        # a closed client is noticed when a write to it fails: the second write after it left
+        # a closed client is noticed when a write to it fails: the second write after it left,
+        # so each flush is written (read by the listener) before the next
         for _ in range(2):
             publish("flush", app=app)
-            time.sleep(0.3)
+            caught_up(app, empty_database)
         eventually(
             lambda: open_streams(app) == 0, every=0.2, message="closed streams were never ended"
         )
@@ -1740,23 +1747,6 @@ def test_a_flood_of_empty_notifications_sends_no_pings_and_quiet_streams_still_g
 MB = 1_000_000
 
 
-def newest_version_in(url):
-    """The newest version in the database at url (newest_version() reads the session's database)."""
-    return psql("SELECT coalesce(max(version), 0) FROM newsletters", url=url)[0][0]
-
-
-def settled(app, url):
-    """Wait until the app's listener has read every change committed to the database at url."""
-    deadline = time.time() + WAIT
-    while request("GET", "/healthz", app=app).json.get("version") != newest_version_in(url):
-        assert time.time() < deadline, "the listener did not catch up"
-        time.sleep(0.05)
-
-
-def clients(app):
-    return request("GET", "/healthz", app=app).json["clients"]
-
-
 @contextlib.contextmanager
 def peak_rss(app):
     """The app's highest RSS in KB (peak.kb) while the with-block runs, sampled every 50 ms."""
@@ -1784,6 +1774,18 @@ def stalled_stream(app):
     s.connect(("127.0.0.1", app.port))
     s.sendall(b"GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     return s
+
+
+def unsent_to(app, sock):
+    """Bytes the app has written to the client on sock that the client has not taken (or 0)."""
+    app_end = f"0100007F:{app.port:04X}"  # 127.0.0.1 as /proc/net/tcp writes it
+    client_end = f"0100007F:{sock.getsockname()[1]:04X}"
+    with open("/proc/net/tcp") as f:
+        for line in f:
+            fields = line.split()
+            if fields[1:3] == [app_end, client_end]:
+                return int(fields[4].split(":")[0], 16)  # tx_queue:rx_queue
+    return 0
 
 
 def read_to_the_end(s):
@@ -1821,7 +1823,7 @@ def test_forty_clients_that_never_read_twenty_1_mb_newsletters_cost_the_app_litt
             MB,
             url=empty_database,
         )
-        settled(app, empty_database)
+        caught_up(app, empty_database)
         with listen(app) as reader:  # the shared first page is built once, before we measure
             catch_up, _ = reader.ready()
         assert len(catch_up) == 20
@@ -1830,12 +1832,16 @@ def test_forty_clients_that_never_read_twenty_1_mb_newsletters_cost_the_app_litt
             with peak_rss(app) as peak:
                 before = rss_kb(app)
                 stalled = [stalled_stream(app) for _ in range(40)]
-                deadline = time.time() + WAIT
-                while clients(app) < 40:  # (the reader above counts until a write to it fails)
-                    assert time.time() < deadline, "the 40 streams never all opened"
-                    time.sleep(0.1)
-                time.sleep(3)
-            assert clients(app) >= 40  # still connected: held, not dropped
+                # (the reader above counts until a write to it fails)
+                eventually(
+                    lambda: open_streams(app) >= 40, message="the 40 streams never all opened"
+                )
+                # stuck: more waits unsent than the response's head (a few hundred bytes)
+                eventually(
+                    lambda: all(unsent_to(app, s) > 1000 for s in stalled),
+                    message="the 40 streams never all got stuck in their catch-up",
+                )
+            assert open_streams(app) >= 40  # still connected: held, not dropped
             with listen(app) as another:  # and nobody else is held up
                 assert len(another.ready()[0]) == 20
         finally:
