@@ -920,14 +920,27 @@ def test_a_cursor_that_is_not_a_non_negative_integer_is_treated_as_absent(
 
 
 # ---- the REST API -----------------------------------------------------------------------------
-def test_the_list_is_newest_first_and_paginated(app):
-    rows = [publish(f"Page {i}") for i in range(5)]
-    first = request("GET", "/newsletters?limit=2")
-    assert [r["id"] for r in first.json] == [rows[4]["id"], rows[3]["id"]]
-    second = request("GET", f"/newsletters?limit=2&before={rows[3]['id']}")
-    assert [r["id"] for r in second.json] == [rows[2]["id"], rows[1]["id"]]
-    assert len(request("GET", "/newsletters?limit=1000").json) <= 200
-    assert len(request("GET", "/newsletters").json) <= 50
+def test_the_list_is_newest_first_and_paginated(empty_database):
+    with running_app(empty_database) as app:
+        psql(
+            "INSERT INTO newsletters (title, content)"
+            " SELECT 'Page ' || i, 'x' FROM generate_series(1, 260) i",
+            url=empty_database,
+        )
+        ids = psql("SELECT id FROM newsletters ORDER BY id DESC", url=empty_database)
+        newest_first = [row[0] for row in ids]
+
+        def listed(query):
+            res = request("GET", "/newsletters" + query, app=app)
+            assert res.status == 200, res.json
+            return [row["id"] for row in res.json]
+
+        assert listed("") == newest_first[:50]  # 50 unless a limit says otherwise
+        assert listed("?limit=1000") == newest_first[:200]  # never more than 200
+        assert listed("?limit=2") == newest_first[:2]
+        assert listed(f"?limit=2&before={newest_first[1]}") == newest_first[2:4]
+        assert listed(f"?before={newest_first[49]}") == newest_first[50:100]
+        assert listed(f"?limit=200&before={newest_first[199]}") == newest_first[200:]
 
 
 def test_healthz_reports_the_version_and_the_number_of_streams(app):
