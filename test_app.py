@@ -497,10 +497,16 @@ def psql(sql, *args, url=None):
         conn.close()
 
 
-def insert(title, content="x", url=None):
-    """Insert a newsletter as psql would (not through the app); its id."""
-    sql = "INSERT INTO newsletters (title, content) VALUES (%s, %s) RETURNING id"
-    return psql(sql, title, content, url=url)[0][0]
+def insert(title, content="x", url=None, created_at=None):
+    """Insert a newsletter as psql would (not through the app); its id.
+
+    created_at, if given, is PostgreSQL's text for it (else the table's default, now()).
+    """
+    if created_at is None:
+        sql = "INSERT INTO newsletters (title, content) VALUES (%s, %s) RETURNING id"
+        return psql(sql, title, content, url=url)[0][0]
+    sql = "INSERT INTO newsletters (title, content, created_at) VALUES (%s, %s, %s) RETURNING id"
+    return psql(sql, title, content, created_at, url=url)[0][0]
 
 
 def is_ready(event):
@@ -2482,8 +2488,7 @@ def besides_412(page):
 
 
 def test_a_save_on_one_page_is_shown_on_the_other_and_overwrites_only_when_asked(tabs, site):
-    sql = "INSERT INTO newsletters (title, content) VALUES ('Shared draft', 'x') RETURNING id"
-    nid = psql(sql, url=site.dsn)[0][0]
+    nid = insert("Shared draft", url=site.dsn)
     a, b = tabs(), tabs()
     in_a, in_b = editing(a, nid), editing(b, nid)
     in_b.locator("input[name=title]").fill("Title from B")
@@ -2507,8 +2512,7 @@ def test_a_save_on_one_page_is_shown_on_the_other_and_overwrites_only_when_asked
 
 
 def test_discarding_an_edit_after_a_psql_update_shows_the_new_text(tabs, site):
-    sql = "INSERT INTO newsletters (title, content) VALUES ('Before psql', 'old') RETURNING id"
-    nid = psql(sql, url=site.dsn)[0][0]
+    nid = insert("Before psql", "old", url=site.dsn)
     page = tabs()
     form = editing(page, nid)
     form.locator("textarea[name=content]").fill("Typed here, then dropped")
@@ -2529,8 +2533,7 @@ def test_discarding_an_edit_after_a_psql_update_shows_the_new_text(tabs, site):
 
 
 def test_a_delete_on_one_page_while_the_other_edits_is_shown_as_such(tabs, site):
-    sql = "INSERT INTO newsletters (title, content) VALUES ('Soon deleted', 'x') RETURNING id"
-    nid = psql(sql, url=site.dsn)[0][0]
+    nid = insert("Soon deleted", url=site.dsn)
     a, b = tabs(), tabs()
     form = editing(b, nid)
     form.locator("textarea[name=content]").fill("Worth keeping")
@@ -2551,8 +2554,7 @@ def test_a_delete_on_one_page_while_the_other_edits_is_shown_as_such(tabs, site)
 
 
 def test_a_save_refused_with_412_shows_the_change_the_answer_carries(browser, site):
-    sql = "INSERT INTO newsletters (title, content) VALUES ('Unseen change', 'x') RETURNING id"
-    nid = psql(sql, url=site.dsn)[0][0]
+    nid = insert("Unseen change", url=site.dsn)
     row = next(r for r in request("GET", "/newsletters", app=site.app).json if r["id"] == nid)
     # A stream that delivers this row, then nothing more: the page hears of changes only in answers.
     frames = (
@@ -2584,11 +2586,8 @@ def test_a_save_refused_with_412_shows_the_change_the_answer_carries(browser, si
 
 
 def test_dates_javascript_cannot_read_are_shown_as_postgresql_wrote_them(tabs, site):
-    psql(
-        "INSERT INTO newsletters (title, content, created_at)"
-        " VALUES ('From the year 12000', 'x', '12000-01-01'), ('Since forever', 'x', 'infinity')",
-        url=site.dsn,
-    )
+    insert("From the year 12000", created_at="12000-01-01", url=site.dsn)
+    insert("Since forever", created_at="infinity", url=site.dsn)
     page = tabs()
     listed = {r["title"]: r for r in request("GET", "/newsletters", app=site.app).json}
     for title in ("From the year 12000", "Since forever"):
