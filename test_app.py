@@ -2241,9 +2241,16 @@ def test_a_flood_of_slow_and_oversized_request_heads_logs_a_few_lines_and_no_tra
 
 # ---- the page, in a real browser --------------------------------------------------------------
 # Playwright drives the machine's Chromium (never a downloaded one); without either, these skip.
-CHROMIUM = (
-    shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-)
+# CHROMIUM=<path> names the browser to use; CHROMIUM= (empty) skips them as if there were none.
+CHROMIUM = os.environ.get("CHROMIUM")
+if CHROMIUM is None:
+    CHROMIUM = (
+        shutil.which("chromium")
+        or shutil.which("chromium-browser")
+        or shutil.which("google-chrome")
+    )
+NO_CHROMIUM = "no Chromium on this machine (apt-get install chromium) for the browser tests"
+NO_PLAYWRIGHT = "pip install playwright for the browser tests"
 CHROMIUM_FLAGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -2255,13 +2262,22 @@ CHROMIUM_FLAGS = [
 ]
 
 
+def skip_the_browser_tests(reason):
+    """Skip them, and say why in a plain run's summary too: a skip's reason shows only with -rs."""
+    # A warning is in pytest's summary by default; the fixture runs once, so it is said once.
+    warnings.warn(reason, stacklevel=2)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="module")
 def browser():
-    sync_api = pytest.importorskip(
-        "playwright.sync_api", reason="pip install playwright for the browser tests"
-    )
+    """The machine's Chromium, headless, driven by playwright."""
     if not CHROMIUM:
-        pytest.skip("no Chromium on this machine (apt-get install chromium) for the browser tests")
+        skip_the_browser_tests(NO_CHROMIUM)
+    try:
+        from playwright import sync_api
+    except ImportError:
+        skip_the_browser_tests(NO_PLAYWRIGHT)
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(
             executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS
@@ -2270,6 +2286,30 @@ def browser():
             yield browser
         finally:
             browser.close()
+
+
+def test_without_chromium_the_browser_tests_skip_and_a_plain_run_says_why():
+    # a plain run of one browser test, on a PostgreSQL of its own, as if there were no Chromium
+    env = {**os.environ, "CHROMIUM": ""}
+    env.pop("PYTEST_ADDOPTS", None)  # no -rs from the environment either
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
+    child = subprocess.Popen(
+        [*command, "-k", "page_fits_a_phone"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    try:
+        said, _ = child.communicate(timeout=120)
+    finally:
+        if child.poll() is None:
+            # SIGTERM: the run stops its PostgreSQL, as on Ctrl-C
+            child.terminate()
+            child.communicate()
+    assert child.returncode == 0, said
+    assert "1 passed" not in said and "1 skipped" in said, said
+    assert said.count(NO_CHROMIUM) == 1, said  # in the warnings summary
 
 
 @pytest.fixture(scope="module")
