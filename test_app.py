@@ -2578,3 +2578,35 @@ def test_dates_javascript_cannot_read_are_shown_as_postgresql_wrote_them(tabs, s
         assert meta.startswith(listed[title]["created_at"] + " · edited ")
         assert "Invalid Date" not in meta
     assert page.problems == []
+
+
+def besides_outage(page):
+    """The page's console errors, less Chromium's lines for a cut stream and refused requests."""
+    outage = ("ERR_CONNECTION_REFUSED", "ERR_INCOMPLETE_CHUNKED_ENCODING")
+    return [p for p in page.problems if not any(o in p for o in outage)]
+
+
+def test_older_newsletters_while_the_app_is_down_says_so_in_words_and_works_once_it_is_back(
+    tabs, site
+):
+    psql(
+        "INSERT INTO newsletters (title, content)"
+        " SELECT 'Older ' || lpad(i::text, 3, '0'), 'x' FROM generate_series(1, 120) i",
+        url=site.dsn,
+    )
+    page = tabs()
+    shows(page, "Older 120")
+    older = page.get_by_role("button", name="Older newsletters")
+    assert older.is_visible()
+    stop_app(site.app)
+    try:
+        older.click()
+        page.locator("#older-error", has_text="Could not reach the server.").wait_for()
+        assert card(page, "Older 001").count() == 0
+    finally:
+        site.app = start_app(site.dsn, port=site.app.port)
+    page.wait_for_selector('#status[data-state="live"]', timeout=WAIT * 1000)
+    older.click()
+    shows(page, "Older 001")
+    assert page.locator("#older-error").text_content() == ""
+    assert besides_outage(page) == []  # no unhandled rejection, nor any other error
