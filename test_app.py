@@ -2610,3 +2610,48 @@ def test_older_newsletters_while_the_app_is_down_says_so_in_words_and_works_once
     shows(page, "Older 001")
     assert page.locator("#older-error").text_content() == ""
     assert besides_outage(page) == []  # no unhandled rejection, nor any other error
+
+
+@contextlib.contextmanager
+def page_on(browser, app):
+    """A tab of the page on an app of the test's own, its problems recorded as tabs() does."""
+    context = browser.new_context()
+    page = context.new_page()
+    page.problems = []
+
+    def on_console(message):
+        if message.type == "error":
+            page.problems.append(message.text)
+
+    def on_request(req):
+        if not req.url.startswith(app.url):
+            page.problems.append("other origin: " + req.url)
+
+    page.on("console", on_console)
+    page.on("pageerror", lambda error: page.problems.append(str(error)))
+    page.on("request", on_request)
+    try:
+        page.goto(app.url)
+        page.wait_for_selector('#status[data-state="live"]', timeout=WAIT * 1000)
+        yield page
+    finally:
+        context.close()
+
+
+def test_versions_beyond_2_to_the_53_are_compared_exactly(browser, empty_database):
+    with running_app(empty_database) as app:
+        # The next version is 2^53, then 2^53 + 1: the same JavaScript number.
+        psql("SELECT setval('newsletters_version', 9007199254740991)", url=empty_database)
+        with page_on(browser, app) as page:
+            nid = insert("Inserted at 2^53", "first", url=empty_database)
+            shows(page, "Inserted at 2^53")
+            sql = "UPDATE newsletters SET title = 'Updated at 2^53 + 1' WHERE id = %s"
+            psql(sql, nid, url=empty_database)
+            shows(page, "Updated at 2^53 + 1")
+            form = editing(page, nid)
+            form.locator("input[name=title]").fill("Saved from the page")
+            with page.expect_response(lambda r: r.request.method == "PUT") as answer:
+                form.get_by_role("button", name="Save", exact=True).click()
+            assert answer.value.status == 200  # If-Match named the exact version
+            shows(page, "Saved from the page")
+            assert page.problems == []
