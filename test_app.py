@@ -2655,3 +2655,51 @@ def test_versions_beyond_2_to_the_53_are_compared_exactly(browser, empty_databas
             assert answer.value.status == 200  # If-Match named the exact version
             shows(page, "Saved from the page")
             assert page.problems == []
+
+
+def test_a_reset_drops_what_the_page_shows_and_it_stays_live_without_a_reload(
+    browser, empty_database
+):
+    name = psycopg2.extensions.parse_dsn(empty_database)["dbname"]
+    app = start_app(empty_database)
+    try:
+        for title in ("Before the reset", "Also before", "Edited across the reset"):
+            nid = insert(title, url=empty_database)
+        with page_on(browser, app) as page:
+            shows(page, "Edited across the reset")
+            page.evaluate("window.notReloaded = true")
+            form = editing(page, nid)
+            form.locator("textarea[name=content]").fill("Typed before the reset")
+            # A second tab of the same browser follows the first one's stream.
+            follower = page.context.new_page()
+            follower.goto(app.url)
+            shows(follower, "Before the reset")
+            stop_app(app)
+            page.wait_for_selector('#status[data-state="reconnecting"]', timeout=WAIT * 1000)
+            # The database recreated: its versions start again below the page's cursor.
+            psql(f"DROP DATABASE {name} WITH (FORCE)")
+            psql(f"CREATE DATABASE {name}")
+            with open(os.path.join(HERE, "schema.sql")) as schema:
+                psql(schema.read(), url=empty_database)
+            insert("After the reset", url=empty_database)
+            app = start_app(empty_database, port=app.port)
+            shows(page, "After the reset", timeout=WAIT)
+            page.wait_for_selector('#status[data-state="live"]', timeout=WAIT * 1000)
+            gone(page, "Before the reset")
+            gone(page, "Also before")
+            # The edited newsletter is not in the new database: the form says so, text kept.
+            notice = form.locator(".conflict[role=alert]")
+            notice.get_by_text("deleted this newsletter while you were editing it").wait_for()
+            assert notice.get_by_role("button", name="Publish mine as new").is_visible()
+            typed = form.locator("textarea[name=content]").input_value()
+            assert typed == "Typed before the reset"
+            assert page.evaluate("window.notReloaded") is True
+            shows(follower, "After the reset")
+            gone(follower, "Before the reset")
+            assert follower.locator("#status").get_attribute("data-state") == "live"
+            insert("Live after the reset", url=empty_database)
+            shows(page, "Live after the reset")
+            shows(follower, "Live after the reset")
+            assert besides_outage(page) == []
+    finally:
+        stop_app(app)
