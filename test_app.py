@@ -2720,3 +2720,128 @@ def test_dates_javascript_cannot_read_are_shown_as_postgresql_wrote_them(tabs, s
         assert meta.startswith(listed[title]["created_at"] + " · edited ")
         assert "Invalid Date" not in meta
     assert page.problems == []
+
+
+def besides_outage(page):
+    """The page's console errors, less Chromium's lines for a cut stream and refused requests."""
+    outage = ("ERR_CONNECTION_REFUSED", "ERR_INCOMPLETE_CHUNKED_ENCODING")
+    return [p for p in page.problems if not any(o in p for o in outage)]
+
+
+def test_older_newsletters_while_the_app_is_down_says_so_in_words_and_works_once_it_is_back(
+    tabs, site
+):
+    psql(
+        "INSERT INTO newsletters (title, content)"
+        " SELECT 'Older ' || lpad(i::text, 3, '0'), 'x' FROM generate_series(1, 120) i",
+        url=site.dsn,
+    )
+    page = tabs()
+    shows(page, "Older 120")
+    older = page.get_by_role("button", name="Older newsletters")
+    assert older.is_visible()
+    stop_app(site.app)
+    try:
+        older.click()
+        page.locator("#older-error", has_text="Could not reach the server.").wait_for()
+        assert card(page, "Older 001").count() == 0
+    finally:
+        site.app = start_app(site.dsn, port=site.app.port)
+    page.wait_for_selector('#status[data-state="live"]', timeout=WAIT * 1000)
+    older.click()
+    shows(page, "Older 001")
+    assert page.locator("#older-error").text_content() == ""
+    assert besides_outage(page) == []  # no unhandled rejection, nor any other error
+
+
+@contextlib.contextmanager
+def page_on(browser, app):
+    """A tab of the page on an app of the test's own, its problems recorded as tabs() does."""
+    context = browser.new_context()
+    page = context.new_page()
+    page.problems = []
+
+    def on_console(message):
+        if message.type == "error":
+            page.problems.append(message.text)
+
+    def on_request(req):
+        if not req.url.startswith(app.url):
+            page.problems.append("other origin: " + req.url)
+
+    page.on("console", on_console)
+    page.on("pageerror", lambda error: page.problems.append(str(error)))
+    page.on("request", on_request)
+    try:
+        page.goto(app.url)
+        page.wait_for_selector('#status[data-state="live"]', timeout=WAIT * 1000)
+        yield page
+    finally:
+        context.close()
+
+
+def test_versions_beyond_2_to_the_53_are_compared_exactly(browser, empty_database):
+    with running_app(empty_database) as app:
+        # The next version is 2^53, then 2^53 + 1: the same JavaScript number.
+        psql("SELECT setval('newsletters_version', 9007199254740991)", url=empty_database)
+        with page_on(browser, app) as page:
+            nid = insert("Inserted at 2^53", "first", url=empty_database)
+            shows(page, "Inserted at 2^53")
+            sql = "UPDATE newsletters SET title = 'Updated at 2^53 + 1' WHERE id = %s"
+            psql(sql, nid, url=empty_database)
+            shows(page, "Updated at 2^53 + 1")
+            form = editing(page, nid)
+            form.locator("input[name=title]").fill("Saved from the page")
+            with page.expect_response(lambda r: r.request.method == "PUT") as answer:
+                form.get_by_role("button", name="Save", exact=True).click()
+            assert answer.value.status == 200  # If-Match named the exact version
+            shows(page, "Saved from the page")
+            assert page.problems == []
+
+
+def test_a_reset_drops_what_the_page_shows_and_it_stays_live_without_a_reload(
+    browser, empty_database
+):
+    name = psycopg2.extensions.parse_dsn(empty_database)["dbname"]
+    app = start_app(empty_database)
+    try:
+        for title in ("Before the reset", "Also before", "Edited across the reset"):
+            nid = insert(title, url=empty_database)
+        with page_on(browser, app) as page:
+            shows(page, "Edited across the reset")
+            page.evaluate("window.notReloaded = true")
+            form = editing(page, nid)
+            form.locator("textarea[name=content]").fill("Typed before the reset")
+            # A second tab of the same browser follows the first one's stream.
+            follower = page.context.new_page()
+            follower.goto(app.url)
+            shows(follower, "Before the reset")
+            stop_app(app)
+            page.wait_for_selector('#status[data-state="reconnecting"]', timeout=WAIT * 1000)
+            # The database recreated: its versions start again below the page's cursor.
+            psql(f"DROP DATABASE {name} WITH (FORCE)")
+            psql(f"CREATE DATABASE {name}")
+            with open(os.path.join(HERE, "schema.sql")) as schema:
+                psql(schema.read(), url=empty_database)
+            insert("After the reset", url=empty_database)
+            app = start_app(empty_database, port=app.port)
+            shows(page, "After the reset", timeout=WAIT)
+            page.wait_for_selector('#status[data-state="live"]', timeout=WAIT * 1000)
+            gone(page, "Before the reset")
+            gone(page, "Also before")
+            # The edited newsletter is not in the new database: the form says so, text kept.
+            notice = form.locator(".conflict[role=alert]")
+            notice.get_by_text("deleted this newsletter while you were editing it").wait_for()
+            assert notice.get_by_role("button", name="Publish mine as new").is_visible()
+            typed = form.locator("textarea[name=content]").input_value()
+            assert typed == "Typed before the reset"
+            assert page.evaluate("window.notReloaded") is True
+            shows(follower, "After the reset")
+            gone(follower, "Before the reset")
+            assert follower.locator("#status").get_attribute("data-state") == "live"
+            insert("Live after the reset", url=empty_database)
+            shows(page, "Live after the reset")
+            shows(follower, "Live after the reset")
+            assert besides_outage(page) == []
+    finally:
+        stop_app(app)
