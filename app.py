@@ -14,11 +14,12 @@ How a change travels, and the functions it passes through:
   -> index.html: the browser's EventSource shows it
 
 Sections, in that order: configuration, database, schema, listener, fan-out, routes, main. Then
-two sections of hardening: hostile clients and pywsgi's edges; start-up conveniences.
-First reading: the listener and the fan-out, then the routes; the last two sections are hardening,
-skip them the first time.
+three sections of hardening: hostile clients and pywsgi's edges; start-up conveniences; workers
+(WORKERS=N processes that share the port). First reading: the listener and the fan-out, then the
+routes; skip the last three sections the first time.
 
 Run it:  python app.py            (or DATABASE_URL=postgresql://user@host/db python app.py)
+         WORKERS=4 python app.py  (four server processes, one per core, sharing the port)
 Try it:  open psql with the command it prints at start (or psql "$DATABASE_URL"), then
          INSERT INTO newsletters (title, content) VALUES ('Hi', 'from psql');
 """
@@ -51,6 +52,7 @@ import bottle
 import gevent
 import gevent.event
 import gevent.lock
+import gevent.os
 import gevent.queue
 import gevent.socket
 import psycopg2
@@ -66,6 +68,7 @@ from psycopg2.extensions import POLL_OK, POLL_READ, POLL_WRITE
 DATABASE_URL = os.environ.get("DATABASE_URL", "")  # unset: see open_database()
 HOST = os.environ.get("HOST", "127.0.0.1")  # 0.0.0.0 to serve other machines
 PORT = os.environ.get("PORT", "8000")  # a number from 1 to 65535
+WORKERS = os.environ.get("WORKERS", "1")  # server processes sharing the port: up to one per core
 POOL_SIZE = 4  # connections for request handlers; the listener holds one more
 DB_TIMEOUT = 5  # seconds a database round trip may take before the connection counts as dead
 CHECK_EVERY = 15  # seconds the listener waits for a NOTIFY before it reads anyway
@@ -222,12 +225,20 @@ last_frame_at = time.monotonic()  # broadcast: when parked streams were last sen
 first_page = FirstPage(-1, [])  # newest_page: the newest live newsletters, as of its version
 first_page_lock = gevent.lock.Semaphore()  # newest_page: one query for the first page at a time
 next_read = gevent.event.Event()  # read_changes: set when the read after this one has ended
+
+
+def wake_up_pipe():
+    """A pipe through which streams ring the listener; neither end blocks."""
+    reader, writer = os.pipe()
+    # A pipe already full says "read again" all the same.
+    os.set_blocking(reader, False)
+    os.set_blocking(writer, False)
+    return reader, writer
+
+
 # A stream rings the listener through this pipe to ask for a read (see request_a_fresh_read):
 # the listener waits on the pipe and on the database at once (the "self-pipe" trick).
-wake_reader, wake_writer = os.pipe()
-# Neither end may block: a pipe already full says "read again" all the same.
-os.set_blocking(wake_reader, False)
-os.set_blocking(wake_writer, False)
+wake_reader, wake_writer = wake_up_pipe()
 
 # The changes after a version, up to another, in version order: PAGE_ROWS at most, and only as
 # many rows as fit in PAGE_BYTES of content (but at least one), so memory stays bounded however
@@ -748,10 +759,12 @@ def memory_can_serve(cursor):
 
 @app.get("/healthz")
 def healthz():
-    """200 while the listener is connected, else 503."""
+    """200 while the listener is connected, else 503; with WORKERS, of the worker that answers."""
     if not listening:
         abort(503, "not listening to the database")
-    return json.dumps({"ok": True, "version": latest_version, "clients": open_streams})
+    return json.dumps(
+        {"ok": True, "version": latest_version, "clients": open_streams, "worker": worker}
+    )
 
 
 # ---- main ------------------------------------------------------------------------------------
@@ -761,6 +774,8 @@ def main():
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if not re.fullmatch("[0-9]{1,5}", PORT) or not 1 <= int(PORT) <= 65535:
         sys.exit(f"error: PORT must be a number from 1 to 65535, not {PORT!r}")
+    if not re.fullmatch("[0-9]{1,3}", WORKERS) or not 1 <= int(WORKERS) <= MAX_WORKERS:
+        sys.exit(f"error: WORKERS must be a number from 1 to {MAX_WORKERS}, not {WORKERS!r}")
     # Applies to accepted client sockets, not to libpq's.
     gevent.socket.setdefaulttimeout(CLIENT_TIMEOUT)
     # A big backlog: thousands of browsers reconnect at once after a restart.
@@ -776,15 +791,31 @@ def main():
     gc.set_threshold(700, 10, 1000)
     raise_open_files_limit()
     warn_if_anyone_can_write()
-    listener = gevent.spawn(listen)
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        gevent.signal_handler(sig, stop_serving, server, sig)
+    if int(WORKERS) > 1:
+        # Everything above ran once; each worker now serves as this process would (workers section).
+        logging.info(
+            "serving on http://%s:%s (version %d) with %s worker processes",
+            HOST,
+            PORT,
+            latest_version,
+            WORKERS,
+        )
+        supervise(server, int(WORKERS))
+        return
     logging.info("serving on http://%s:%s (version %d)", HOST, PORT, latest_version)
+    serve(server)
+    say_what_stopped(f"open streams closed: {streams_at_stop}")
+
+
+def serve(server):
+    """Start the listener and serve until a stop signal; the listener stops with the server."""
+    listener = gevent.spawn(listen)
+    for sig in STOP_SIGNALS:
+        gevent.signal_handler(sig, stop_serving, server, sig)
     server.serve_forever()
     # Stopped: the listener goes first, so that a private PostgreSQL stopping after us (atexit)
     # is not reported as a lost database.
     listener.kill()
-    say_what_stopped()
 
 
 # ==== hardening: hostile clients and pywsgi's edges ===========================================
@@ -1161,25 +1192,169 @@ def warn_if_anyone_can_write():
         )
 
 
-stopped_by = ""  # stop_serving: the signal that stopped the app
+# Ctrl-C, SIGTERM, and SIGHUP (a closed terminal) each stop the app.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+stopped_by = ""  # stop_serving, stop_workers: the signal that stopped the app
 streams_at_stop = 0  # stop_serving: the streams open when it came
 
 
 def stop_serving(server, sig):
-    """Ctrl-C, SIGTERM or SIGHUP (a closed terminal): close the streams, within 1s, and stop."""
+    """A stop signal: close the streams, within 1s, and stop."""
     global stopped_by, streams_at_stop
+    # Ctrl-C in a terminal signals a worker and its supervisor at once; the supervisor then
+    # signals the worker again.
+    if stopped_by:
+        return
     stopped_by = signal.Signals(sig).name
     streams_at_stop = open_streams
     # serve_forever() then returns.
     server.stop(timeout=1)
 
 
-def say_what_stopped():
-    """One line on the way out: what was stopped."""
+def say_what_stopped(what):
+    """One line on the way out: the signal, what it stopped, and the private PostgreSQL."""
     also = ""
     if private_postgres:
         also = "; the private PostgreSQL in pgdata/ stops now, its data kept"
-    logging.info("stopped by %s (open streams closed: %d)%s", stopped_by, streams_at_stop, also)
+    logging.info("stopped by %s (%s)%s", stopped_by, what, also)
+
+
+# ==== workers: one server process per core ====================================================
+# WORKERS=N runs N copies of the app that share the port: N instances behind a balancer, in one
+# command, the kernel's accept() for the balancer. This process bound the port, checked the
+# database and applied the schema (and started the private PostgreSQL) once; then it forks the
+# workers, and only supervises them. Each worker makes its own listener, pool, log and streams
+# after the fork, exactly as a single process does, and a browser can resume on any of them:
+# its cursor is a version, which every worker reads from the same table. Skip it on a first
+# reading.
+MAX_WORKERS = 256  # each worker holds one more LISTEN connection and POOL_SIZE more
+worker = 1  # be_worker: which worker this process is, from 1 to WORKERS (/healthz says it)
+workers = {}  # start_worker: process id -> worker number, for each worker running
+ended = gevent.queue.Queue()  # worker_ended: (process id, wait status) of each worker that ended
+stop_signals = []  # supervise: the supervisor's signal handlers, which a fork copies
+
+
+def supervise(server, count):
+    """Run count workers; start again any that dies; stop them all on a stop signal."""
+    for sig in STOP_SIGNALS:
+        stop_signals.append(gevent.signal_handler(sig, stop_workers, sig))
+    # Only this greenlet forks, and no other greenlet of the supervisor's is waiting to run when
+    # it does: a child runs nothing of the supervisor's but the signal handlers it cancels.
+    for number in range(1, count + 1):
+        start_worker(server, number)
+    while workers:
+        pid, status = ended.get()
+        number = workers.pop(pid)
+        if stopped_by:
+            continue
+        logging.warning("worker %d (pid %d) %s; starting it again", number, pid, how(status))
+        # A second first: a worker that fails as it starts is not forked as fast as it fails.
+        gevent.sleep(1)
+        if not stopped_by:
+            start_worker(server, number)
+    say_what_stopped(f"workers stopped: {count}")
+
+
+def start_worker(server, number):
+    """Fork worker number: the child serves, and this process hears when it ends."""
+    supervisor = os.getpid()
+    # gevent's fork: the child gets a fresh gevent loop; here, worker_ended runs once it ends.
+    pid = gevent.os.fork_and_watch(worker_ended, ref=True)
+    if pid == 0:
+        be_worker(server, number, supervisor)
+    workers[pid] = number
+
+
+def worker_ended(watcher):
+    """gevent's child watcher saw a worker end: tell supervise()."""
+    ended.put((watcher.pid, watcher.rstatus))
+
+
+def how(status):
+    """How a process ended, from its wait status: "exited with status 1", "was killed by ..."."""
+    code = os.waitstatus_to_exitcode(status)
+    if code < 0:
+        return f"was killed by {signal.Signals(-code).name}"
+    return f"exited with status {code}"
+
+
+def stop_workers(sig):
+    """A stop signal to the supervisor: pass it on to every worker; kill what is left after 5s."""
+    global stopped_by
+    if stopped_by:
+        return
+    stopped_by = signal.Signals(sig).name
+    for pid in workers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    gevent.spawn_later(5, kill_workers)
+
+
+def kill_workers():
+    """SIGKILL to every worker still running: none may outlive the app."""
+    for pid in workers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def be_worker(server, number, supervisor):
+    """In a forked process: serve as worker number until stopped, or until the supervisor goes.
+
+    Never returns: it leaves with os._exit(), which skips the atexit handlers the fork copied
+    from the supervisor (one of them stops the private PostgreSQL).
+    """
+    global worker
+    status = 1
+    try:
+        worker = number
+        # The supervisor's signal handlers came with the fork: this process has its own (serve).
+        for handler in stop_signals:
+            handler.cancel()
+        # The other workers are the supervisor's to stop, not this one's.
+        workers.clear()
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(logging.Formatter(f"%(asctime)s worker {number}: %(message)s"))
+        start_worker_state()
+        gevent.spawn(stop_when_orphaned, server, supervisor)
+        serve(server)
+        logging.info("stopped by %s (open streams closed: %d)", stopped_by, streams_at_stop)
+        status = 0
+    except Exception:
+        logging.exception("worker %d failed", number)
+    finally:
+        os._exit(status)
+
+
+def start_worker_state():
+    """This worker's own pipe, pool, events and version: nothing made before the fork is shared."""
+    global wake_reader, wake_writer, pool, next_read, first_page_lock, latest_version, log_start
+    # Another worker's listener would otherwise take the rings meant for this one's.
+    os.close(wake_reader)
+    os.close(wake_writer)
+    wake_reader, wake_writer = wake_up_pipe()
+    pool = gevent.queue.LifoQueue(items=[None] * POOL_SIZE)
+    next_read = gevent.event.Event()
+    first_page_lock = gevent.lock.Semaphore()
+    # A worker started again begins, like any new process, at the newest version; without the
+    # database, at the supervisor's, and its listener reads what came since once it is back.
+    try:
+        with contextlib.closing(connect()) as conn, conn, conn.cursor() as cur:
+            cur.execute("SELECT coalesce(max(version), 0) AS version FROM newsletters")
+            latest_version = cur.fetchone().version
+            log_start = latest_version
+    except psycopg2.Error as e:
+        logging.warning("cannot read the newest version (%s); the listener will", first_line(e))
+
+
+def stop_when_orphaned(server, supervisor):
+    """Stop this worker once its supervisor is gone (killed with SIGKILL, say)."""
+    global stopped_by, streams_at_stop
+    while os.getppid() == supervisor:
+        gevent.sleep(1)
+    logging.warning("the supervisor (pid %d) is gone", supervisor)
+    stopped_by = "the supervisor's end"
+    streams_at_stop = open_streams
+    server.stop(timeout=1)
 
 
 if __name__ == "__main__":

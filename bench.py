@@ -6,16 +6,20 @@
     python bench.py --clients 10000 --changes 0             idle streams: memory per client
     python bench.py --clients 10000 --changes 1 --resume    a resume storm: Last-Event-ID from all
     python bench.py --clients 1000 --changes 1000 --rate 0  a burst: as fast as one writer can
+    python bench.py --clients 10000 --workers 2             the storm, then 10/s, with WORKERS=2
 
 It needs the same install as the tests (pip install -r requirements.txt: it borrows their servers
 from test_app.py). It starts `python app.py` exactly as the tests do, on a private PostgreSQL, or
 on TEST_DATABASE_URL or --dsn if given; with --url (and --dsn) it measures an app already running.
 It opens the clients from one separate process on non-blocking sockets, commits changes from
 another, and prints one line per run. Each change carries the time it was committed (in its
-title), so latency is commit to receipt.
+title), so latency is commit to receipt. With --workers N it starts the app with WORKERS=N, adds
+up memory and CPU over its workers, and says how many streams each worker holds.
 """
 
 import argparse
+import http.client
+import json
 import multiprocessing
 import os
 import re
@@ -118,20 +122,52 @@ def writer(dsn, changes, rate, size, start_at):
     conn.close()
 
 
+def app_processes(pid):
+    """The app's process and, with WORKERS, its workers: the children it forked."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [pid] + [int(child) for child in f.read().split()]
+    except OSError:
+        return [pid]
+
+
 def process_stats(pid):
-    """(RSS in KB, CPU seconds) of a process, from /proc; (0, 0) without a pid."""
+    """(RSS in KB, CPU seconds) of the app, its workers added up; (0, 0) without a pid."""
     if not pid:
         return 0, 0
     rss = 0
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS"):
-                rss = int(line.split()[1])
-    with open(f"/proc/{pid}/stat") as f:
-        # the fields after the command name, which is in parentheses and may hold spaces
-        fields = f.read().rsplit(")", 1)[1].split()
-    user, system = int(fields[11]), int(fields[12])
-    return rss, (user + system) / os.sysconf("SC_CLK_TCK")
+    cpu = 0
+    for each in app_processes(pid):
+        with open(f"/proc/{each}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS"):
+                    rss += int(line.split()[1])
+        with open(f"/proc/{each}/stat") as f:
+            # the fields after the command name, which is in parentheses and may hold spaces
+            fields = f.read().rsplit(")", 1)[1].split()
+        user, system = int(fields[11]), int(fields[12])
+        cpu += (user + system) / os.sysconf("SC_CLK_TCK")
+    return rss, cpu
+
+
+def streams_per_worker(url, workers):
+    """Open streams on each worker, by its /healthz (each answer is from one worker)."""
+    where = urlsplit(url)
+    counts = {}
+    for _ in range(50 * workers):
+        conn = http.client.HTTPConnection(where.hostname, where.port, timeout=10)
+        try:
+            conn.request("GET", "/healthz")
+            res = conn.getresponse()
+            health = json.loads(res.read())
+        finally:
+            conn.close()
+        # (503 from a worker whose listener is reconnecting: ask again.)
+        if res.status == 200:
+            counts[health["worker"]] = health["clients"]
+        if len(counts) == workers:
+            break
+    return "/".join(str(counts.get(number, "?")) for number in range(1, workers + 1))
 
 
 def db_stat(dsn, sql):
@@ -202,6 +238,9 @@ def run(args, url, dsn, pid):
         connect_s = ready_at.value - begin
     time.sleep(1)
     rss1, _ = process_stats(pid)
+    spread = ""
+    if args.workers > 1:
+        spread = f", streams per worker {streams_per_worker(url, args.workers)}"
     time.sleep(11)  # an idle backend reports its statistics within 10 s
     storm_xacts = xacts(dsn) - xacts0 - 1  # includes the listener's own check every 5 s
     _, cpu0 = process_stats(pid)
@@ -227,11 +266,12 @@ def run(args, url, dsn, pid):
     if args.rate:
         rate = args.rate
     return (
-        f"clients={args.clients} changes={args.changes} rate={rate} size={args.size}B"
+        f"workers={args.workers} clients={args.clients} changes={args.changes} rate={rate}"
+        f" size={args.size}B"
         f" | delivered {len(lat)}/{results['expected']}"
         f" | latency ms p50={percentile(lat, 50):.0f} p95={percentile(lat, 95):.0f}"
         f" p99={percentile(lat, 99):.0f} max={percentile(lat, 100):.0f}"
-        f" | all ready in {connect_s:.2f}s with {storm_xacts} db queries"
+        f" | all ready in {connect_s:.2f}s with {storm_xacts} db queries{spread}"
         f" | app {(rss1 - rss0) / max(args.clients, 1):.1f} KB/client, {conns} db conns,"
         f" {cpu1 - cpu0:.1f}s cpu and {reads} listener queries for the changes"
     )
@@ -239,7 +279,7 @@ def run(args, url, dsn, pid):
 
 def measure(args, dsn):
     """Start the app on dsn as the tests do, print one run's line, stop it."""
-    app = start_app(dsn)
+    app = start_app(dsn, WORKERS=str(args.workers))
     try:
         print(run(args, app.url, dsn, app.proc.pid))
     finally:
@@ -256,6 +296,9 @@ def main():
         "--resume",
         action="store_true",
         help="clients connect with Last-Event-ID: the newest version",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="WORKERS for the app it starts, or the running one's"
     )
     parser.add_argument(
         "--url", help="a running app (then --dsn too): its database must be the one it uses"

@@ -957,6 +957,8 @@ def test_healthz_reports_the_version_and_the_number_of_streams(app):
     assert res.json["ok"] is True
     assert res.json["version"] == newest_version()
     assert res.json["clients"] >= 1
+    # With WORKERS unset, one process serves: worker 1.
+    assert res.json["worker"] == 1
 
 
 def test_the_page_is_served_with_no_outside_resources(app):
@@ -1233,10 +1235,11 @@ def test_200_streams_hold_at_most_pool_plus_one_database_connections(empty_datab
                 s.close()
 
 
-def start_private(folder, port=None):
+def start_private(folder, port=None, **settings):
     """A copy of app.py in folder, with nothing configured and nothing at libpq's defaults.
 
     So it starts its private PostgreSQL in folder/pgdata. Returns it once it has started.
+    settings: more environment variables for it (WORKERS="2").
     """
     for name in ("app.py", "schema.sql", "index.html"):
         shutil.copy(os.path.join(HERE, name), folder)
@@ -1244,7 +1247,7 @@ def start_private(folder, port=None):
     env = {name: value for name, value in os.environ.items() if not name.startswith("PG")}
     env.pop("DATABASE_URL", None)
     port = port or free_port()
-    env.update(PGHOST=str(folder), PGPORT=str(free_port()), PORT=str(port))
+    env.update(PGHOST=str(folder), PGPORT=str(free_port()), PORT=str(port), **settings)
     log = tempfile.TemporaryFile()  # noqa: SIM115 (open as long as the app runs)
     proc = subprocess.Popen(
         [sys.executable, "app.py"], cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT
@@ -1384,6 +1387,189 @@ def test_a_port_that_is_not_a_port_number_gives_one_line_and_exit_status_1(datab
     assert status == 1
     assert "Traceback" not in err and "serving on" not in err + out
     assert len(err.strip().splitlines()) == 1 and "PORT" in err, err
+
+
+# ---- WORKERS: a server process per core -------------------------------------------------------
+def workers_of(app):
+    """The process ids of an app's workers: the processes `python app.py` forked."""
+    pid = app.proc.pid
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(child) for child in f.read().split()]
+
+
+def is_alive(pid):
+    """Whether a process runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def health_of_every_worker(app, count=2):
+    """{worker number: its /healthz}, asking until each of count workers has answered 200.
+
+    Each request is a new connection, which any worker may take.
+    """
+    seen = {}
+
+    def every_worker_answered():
+        res = request("GET", "/healthz", app=app)
+        if res.status == 200:
+            seen[res.json["worker"]] = res.json
+        return len(seen) == count
+
+    eventually(every_worker_answered, message="not every worker answered /healthz", every=0.01)
+    return seen
+
+
+def streams_on_every_worker(app, count=2, **cursor):
+    """Streams opened until each of count workers holds one; each (stream, catch-up, version).
+
+    Each stream is read up to `ready` before the next opens. cursor: since= or last_event_id=.
+    """
+    opened = []
+    try:
+        while True:
+            stream = Stream(app, **cursor)
+            catch_up, version = stream.ready()
+            opened.append((stream, catch_up, version))
+            held = [health["clients"] for health in health_of_every_worker(app, count).values()]
+            if min(held) > 0:
+                return opened
+            assert len(opened) < 200, f"200 streams, all on some workers: {held}"
+    except BaseException:
+        for stream, _, _ in opened:
+            stream.close()
+        raise
+
+
+@contextlib.contextmanager
+def streams_on_both_workers(app, **cursor):
+    """streams_on_every_worker(app, 2, **cursor), closed at the end of a with block."""
+    opened = streams_on_every_worker(app, 2, **cursor)
+    try:
+        yield opened
+    finally:
+        for stream, _, _ in opened:
+            stream.close()
+
+
+def test_with_two_workers_streams_on_both_get_every_change_in_order(database):
+    with running_app(database.url, WORKERS="2") as app, streams_on_both_workers(app) as opened:
+        rows = [publish(f"To every worker {i}", app=app) for i in range(5)]
+        insert("To every worker, from psql")
+        for stream, _, _ in opened:
+            got = stream.changes(6)
+            assert versions_of(got[:5]) == versions_of(rows)
+            assert got[5]["title"] == "To every worker, from psql"
+
+
+def test_with_two_workers_a_resume_gets_exactly_what_it_missed_whichever_worker_takes_it(
+    database,
+):
+    with running_app(database.url, WORKERS="2") as app:
+        seen = publish("Seen before going away", app=app)
+        missed = [publish(f"Missed {i}", app=app) for i in range(3)]
+        missed.append(publish(missed[0]["title"] + ", edited", app=app))
+        with streams_on_both_workers(app, last_event_id=seen["version"]) as opened:
+            for _, catch_up, version in opened:
+                assert versions_of(catch_up) == versions_of(missed)
+                assert version == missed[-1]["version"]
+
+
+def test_with_two_workers_a_write_is_in_the_catch_up_of_the_next_stream_whichever_worker(database):
+    with running_app(database.url, WORKERS="2") as app:
+        health_of_every_worker(app)
+        for i in range(10):
+            row = publish(f"Read your API write {i}", app=app)
+            nid = insert(f"Read your psql write {i}")
+            with listen(app) as stream:
+                catch_up, _ = stream.ready()
+            ids = [event["id"] for event in catch_up]
+            assert row["id"] in ids and nid in ids
+
+
+def test_with_two_workers_the_database_holds_pool_plus_one_connections_per_worker(database):
+    settings = {"WORKERS": "2", "PGAPPNAME": "newsletter-workers"}
+    with running_app(database.url, **settings) as app, streams_on_both_workers(app):
+        assert 2 <= app_connections("newsletter-workers") <= 2 * (POOL_SIZE + 1)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_with_two_workers_a_stop_signal_stops_every_worker_and_leaves_no_process(database, sig):
+    app = start_app(database.url, WORKERS="2")
+    try:
+        pids = workers_of(app)
+        assert len(pids) == 2
+        with streams_on_both_workers(app):
+            assert stop_app(app, sig) == 0
+        assert not any(is_alive(pid) for pid in pids)
+        printed = output(app)
+        last = printed.strip().splitlines()[-1]
+        assert f"stopped by {sig.name} (workers stopped: 2)" in last, last
+        # Each worker said what it closed.
+        assert printed.count("stopped by SIG") == 3, printed
+    finally:
+        stop_app(app)
+
+
+def test_with_two_workers_a_killed_worker_is_started_again_and_its_clients_resume(
+    private_folder,
+):
+    app = start_private(private_folder, WORKERS="2")
+    try:
+        wait_until_healthy(app, timeout=120)  # the first start runs initdb
+        with streams_on_both_workers(app) as opened:
+            victim = workers_of(app)[0]
+            os.kill(victim, signal.SIGKILL)
+            eventually(lambda: len(workers_of(app)) == 2 and victim not in workers_of(app))
+            row = publish("After a worker died", app=app)
+            resumed = 0
+            for stream, _, version in opened:
+                try:
+                    got = stream.changes(1)
+                except (EOFError, OSError, http.client.HTTPException):
+                    # The stream's worker died: the browser resumes from its cursor.
+                    with listen(app, last_event_id=version) as again:
+                        got, _ = again.ready()
+                    resumed += 1
+                assert versions_of(got) == [row["version"]]
+            assert resumed >= 1
+        # The new worker serves too, from the newest version.
+        for health in health_of_every_worker(app).values():
+            assert health["version"] >= row["version"]
+        assert "was killed by SIGKILL; starting it again" in output(app)
+        assert private_postgres_running(private_folder)
+        assert stop_app(app) == 0
+        assert not private_postgres_running(private_folder)
+    finally:
+        stop_app(app)
+
+
+def test_workers_whose_supervisor_is_killed_stop_by_themselves(database):
+    app = start_app(database.url, WORKERS="2")
+    pids = workers_of(app)
+    try:
+        app.proc.kill()
+        app.proc.wait()
+        eventually(lambda: not any(is_alive(pid) for pid in pids), message="a worker runs on")
+    finally:
+        stop_app(app)
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("workers", ["0", "abc", "", "2x", "257"])
+def test_workers_that_is_not_a_number_of_processes_gives_one_line_and_exit_status_1(
+    database, workers
+):
+    status, err, out = start_failing(DATABASE_URL=database.url, WORKERS=workers)
+    assert status == 1
+    assert "Traceback" not in err and "serving on" not in err + out
+    assert len(err.strip().splitlines()) == 1 and "WORKERS" in err, err
 
 
 # ---- failure is normal: database faults -------------------------------------------------------
