@@ -819,7 +819,7 @@ def test_an_http_1_0_client_gets_the_stream_without_chunked_encoding(app):
         while b"event: ready" not in received:
             received += old.recv(65536)
         row = publish("To an old client")
-        frame = b"id: %d\nevent: newsletter\ndata: " % row["version"]
+        frame = b"id: %d\nevent: newsletters\ndata: " % row["version"]
         while frame not in received or not received.endswith(b"\n\n"):
             received += old.recv(65536)
     headers, _, body = received.partition(b"\r\n\r\n")
@@ -909,7 +909,7 @@ def test_a_cursor_that_is_not_a_non_negative_integer_is_treated_as_absent(
     without_cursor = catch_up_events()
     for given in ({"last_event_id": cursor}, {"since": cursor}):
         events = catch_up_events(**given)
-        assert events[0]["event"] in ("newsletter", "ready")
+        assert events[0]["event"] in ("newsletters", "ready")
         assert events == without_cursor, given
 
 
@@ -2298,6 +2298,228 @@ def test_a_flood_of_slow_and_oversized_request_heads_logs_a_few_lines_and_no_tra
         assert len(log) <= 4  # one line a second of each kind, at most
 
 
+# ---- your own table: the machinery shared by every live table --------------------------------
+def copy_env(database_url, port):
+    """The environment for a copy of the app: database_url, port, and nothing else set."""
+    env = {**os.environ, "DATABASE_URL": database_url, "PORT": str(port)}
+    env.pop("WRITE_TOKEN", None)
+    return env
+
+
+def start_copy(folder, database_url):
+    """The copy's `python app.py` on database_url, once /healthz says it is up."""
+    port = free_port()
+    env = copy_env(database_url, port)
+    log = tempfile.TemporaryFile()  # noqa: SIM115 (open as long as the app runs)
+    proc = subprocess.Popen(
+        [sys.executable, "app.py"], cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    copy = SimpleNamespace(proc=proc, port=port, url=f"http://127.0.0.1:{port}", log=log)
+    try:
+        wait_until_healthy(copy)
+    except AssertionError:
+        stop_app(copy)
+        raise
+    return copy
+
+
+# A second table live beside the newsletters, as the README says.
+COMMENTS = """
+        CREATE TABLE IF NOT EXISTS comments (
+            id bigserial PRIMARY KEY, body text NOT NULL,
+            created_at timestamptz NOT NULL DEFAULT now(),
+            updated_at timestamptz NOT NULL DEFAULT now(),
+            version bigint NOT NULL UNIQUE, deleted boolean NOT NULL DEFAULT false);
+        CREATE OR REPLACE FUNCTION comment_json(c comments) RETURNS text AS $$
+            SELECT json_build_object('id', c.id, 'body', c.body, 'version', c.version,
+                                     'deleted', c.deleted)::text
+        $$ LANGUAGE sql STABLE;
+        CALL make_live('comments', 'body');
+        CREATE OR REPLACE FUNCTION live_rows()
+        RETURNS TABLE (tbl text, id bigint, version bigint, size integer, json text) AS $$
+            SELECT 'newsletters', id, version, octet_length(content), newsletter_json(n)
+            FROM newsletters AS n
+            UNION ALL
+            SELECT 'comments', id, version, octet_length(body), comment_json(c) FROM comments AS c
+        $$ LANGUAGE sql STABLE;
+"""
+
+
+def comments_on_the_same_stream(url):
+    """Make the comments table live beside the newsletters, from psql."""
+    psql(COMMENTS, url=url)
+
+
+def comment(body, url):
+    """Insert a comment as psql would; its id."""
+    return psql("INSERT INTO comments (body) VALUES (%s) RETURNING id", body, url=url)[0][0]
+
+
+def test_a_second_live_table_shares_the_stream_in_version_order_and_its_ids_overwrite_nothing(
+    empty_database,
+):
+    with running_app(empty_database) as app:
+        comments_on_the_same_stream(empty_database)
+        with listen(app, since=0) as stream:
+            stream.ready()
+            newsletter = publish("Newsletter 1", app=app)
+            comment_id = comment("Comment 1", empty_database)
+            psql("UPDATE comments SET body = 'Comment 1, edited'", url=empty_database)
+            psql("DELETE FROM newsletters", url=empty_database)
+            live = [stream.next() for _ in range(4)]
+        # Resuming from 0 is served from the in-memory log: both rows with id 1 are in it.
+        with listen(app, since=0) as stream:
+            resumed = stream.until(is_ready)[:-1]
+    assert newsletter["id"] == comment_id == 1
+    assert [e["event"] for e in live] == ["newsletters", "comments", "comments", "newsletters"]
+    assert [int(e["id"]) for e in live] == sorted(int(e["id"]) for e in live)
+    assert live[2]["data"] == {"id": 1, "body": "Comment 1, edited", "version": 3, "deleted": False}
+    assert [(e["event"], e["data"]) for e in resumed] == [
+        ("comments", live[2]["data"]),
+        ("newsletters", {"id": 1, "version": 4, "deleted": True}),
+    ]
+    # A tombstone empties the columns make_live names.
+    assert psql("SELECT title, content FROM newsletters", url=empty_database) == [("", "")]
+
+
+def test_a_second_live_table_is_resumed_from_the_table_after_a_restart(tmp_path, empty_database):
+    # A copy whose schema.sql has the comments table in its table part.
+    for name in ("app.py", "schema.sql", "index.html"):
+        shutil.copy(os.path.join(HERE, name), tmp_path)
+    schema = (tmp_path / "schema.sql").read_text()
+    end = schema.index("-- ==== end of your table")
+    (tmp_path / "schema.sql").write_text(schema[:end] + COMMENTS + "\n" + schema[end:])
+    copy = start_copy(tmp_path, empty_database)
+    try:
+        first = publish("Before the comment", app=copy)
+    finally:
+        stop_app(copy)
+    comment("After the newsletter", empty_database)
+    publish_later = insert("After the comment", url=empty_database)
+    # A new process has an empty log: the catch-up comes from live_rows(), in version order.
+    copy = start_copy(tmp_path, empty_database)
+    try:
+        with listen(copy, since=first["version"]) as stream:
+            missed = stream.until(is_ready)[:-1]
+    finally:
+        stop_app(copy)
+    assert [(e["event"], e["data"]["id"]) for e in missed] == [
+        ("comments", 1),
+        ("newsletters", publish_later),
+    ]
+
+
+@contextlib.contextmanager
+def connect_only_role(url):
+    """A role that may log in and nothing else (no grants): its connection string."""
+    name = f"nobody_{os.getpid()}"
+    psql(f"DROP ROLE IF EXISTS {name}; CREATE ROLE {name} LOGIN PASSWORD 'nobody'", url=url)
+    try:
+        yield psycopg2.extensions.make_dsn(url, user=name, password="nobody")
+    finally:
+        psql(f"DROP ROLE IF EXISTS {name}", url=url)
+
+
+def test_a_role_with_no_rights_can_neither_hold_up_writes_nor_block_a_start(empty_database):
+    with running_app(empty_database) as app, connect_only_role(empty_database) as nobody:
+        for attempt in ("SELECT FROM live_clock FOR UPDATE", "BEGIN; LOCK TABLE live_clock"):
+            with pytest.raises(psycopg2.errors.InsufficientPrivilege):
+                psql(attempt, url=nobody)
+        idle = psycopg2.connect(nobody)
+        try:
+            with idle.cursor() as cur:  # BEGIN; ... and wait
+                # What an advisory lock allowed anyone: the old version and schema keys.
+                cur.execute("SELECT pg_advisory_lock(hashtext('newsletters_version'))")
+                cur.execute("SELECT pg_advisory_lock(hashtext('newsletters_schema'))")
+                # A lock that CREATE TRIGGER on the table would wait for: PREPARE checks no rights.
+                cur.execute("PREPARE hold AS UPDATE newsletters SET title = title")
+            assert publish("Written while nobody waits", app=app)["title"]
+            with running_app(empty_database) as second:
+                assert publish("Through a second start", app=second)["title"]
+        finally:
+            idle.close()
+
+
+# Today's schema.sql before the shared machinery, cut to what made its versions: its own
+# sequence, advisory lock, triggers and channel. (A string here, not git: the tests run anywhere.)
+OLD_SCHEMA = """
+CREATE TABLE newsletters (
+    id bigserial PRIMARY KEY, title text NOT NULL, content text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(), updated_at timestamptz NOT NULL DEFAULT now(),
+    version bigint NOT NULL UNIQUE, deleted boolean NOT NULL DEFAULT false,
+    CONSTRAINT "title must be 1 to 200 characters"
+        CHECK (deleted OR char_length(btrim(title, E' \\t\\r\\n')) BETWEEN 1 AND 200),
+    CONSTRAINT "content must not be empty" CHECK (deleted OR btrim(content, E' \\t\\r\\n') <> ''),
+    CONSTRAINT "content must be at most 1 MiB" CHECK (octet_length(content) <= 1048576));
+CREATE FUNCTION newsletter_json(n newsletters) RETURNS text AS $$
+    SELECT CASE
+        WHEN n.deleted THEN json_build_object('id', n.id, 'version', n.version, 'deleted', true)
+        ELSE json_build_object('id', n.id, 'title', n.title, 'content', n.content,
+                               'created_at', n.created_at, 'updated_at', n.updated_at,
+                               'version', n.version, 'deleted', false)
+    END::text
+$$ LANGUAGE sql STABLE;
+CREATE SEQUENCE newsletters_version;
+CREATE FUNCTION newsletters_stamp() RETURNS trigger AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtext('newsletters_version'));
+    NEW.version := nextval('newsletters_version');
+    NEW.updated_at := now();
+    IF TG_OP = 'UPDATE' THEN NEW.created_at := OLD.created_at; END IF;
+    IF NEW.deleted THEN NEW.title := ''; NEW.content := ''; END IF;
+    RETURN NEW;
+END $$ LANGUAGE plpgsql;
+CREATE TRIGGER newsletters_stamp BEFORE INSERT OR UPDATE ON newsletters
+    FOR EACH ROW EXECUTE FUNCTION newsletters_stamp();
+CREATE FUNCTION newsletters_tombstone() RETURNS trigger AS $$
+BEGIN
+    UPDATE newsletters SET deleted = true WHERE id = OLD.id AND NOT deleted;
+    RETURN NULL;
+END $$ LANGUAGE plpgsql;
+CREATE TRIGGER newsletters_tombstone BEFORE DELETE ON newsletters
+    FOR EACH ROW EXECUTE FUNCTION newsletters_tombstone();
+CREATE FUNCTION newsletters_notify() RETURNS trigger AS $$
+BEGIN
+    NOTIFY newsletters;
+    RETURN NULL;
+END $$ LANGUAGE plpgsql;
+CREATE TRIGGER newsletters_notify AFTER INSERT OR UPDATE OR DELETE ON newsletters
+    FOR EACH STATEMENT EXECUTE FUNCTION newsletters_notify();
+"""
+
+
+def test_a_database_of_the_old_schema_is_upgraded_at_start_and_old_cursors_resume_exactly(
+    empty_database,
+):
+    psql(OLD_SCHEMA, url=empty_database)
+    ids = [insert(f"Old {i}", url=empty_database) for i in range(4)]
+    psql("DELETE FROM newsletters WHERE id = %s", ids[0], url=empty_database)
+    psql("UPDATE newsletters SET title = 'Old 1, edited' WHERE id = %s", ids[1], url=empty_database)
+    # Drawn and rolled back: the sequence is ahead of every row, and must stay ahead.
+    psql(
+        "BEGIN; INSERT INTO newsletters (title, content) VALUES ('x', 'y'); ROLLBACK",
+        url=empty_database,
+    )
+    old_next = psql("SELECT last_value FROM newsletters_version", url=empty_database)[0][0] + 1
+    missed = psql(
+        "SELECT id, version FROM newsletters WHERE version > 3 ORDER BY version", url=empty_database
+    )
+    with running_app(empty_database) as app:
+        with listen(app, since=3) as stream:
+            resumed = stream.until(is_ready)[:-1]
+            new = insert("New", url=empty_database)
+            live = stream.next()
+        left = psql(
+            "SELECT to_regclass('newsletters_version'),"
+            " (SELECT count(*) FROM pg_proc WHERE proname LIKE 'newsletters\\_%')",
+            url=empty_database,
+        )
+    assert [(e["data"]["id"], e["data"]["version"]) for e in resumed] == missed
+    assert len(missed) == 3
+    assert (live["data"]["id"], live["data"]["version"]) == (new, old_next)
+    assert left == [(None, 0)]
+
+
 # ---- the page, in a real browser --------------------------------------------------------------
 # Playwright drives the machine's Chromium (never a downloaded one); without either, these skip.
 CHROMIUM = (
@@ -2621,7 +2843,7 @@ def test_a_save_refused_with_412_shows_the_change_the_answer_carries(browser, si
     row = next(r for r in request("GET", "/newsletters", app=site.app).json if r["id"] == nid)
     # A stream that delivers this row, then nothing more: the page hears of changes only in answers.
     frames = (
-        f"retry: 3600000\n\nid: {row['version']}\nevent: newsletter\ndata: {json.dumps(row)}\n\n"
+        f"retry: 3600000\n\nid: {row['version']}\nevent: newsletters\ndata: {json.dumps(row)}\n\n"
         f'id: {row["version"]}\nevent: ready\ndata: {{"version": {row["version"]}}}\n\n'
     )
     context = browser.new_context()
