@@ -2520,6 +2520,96 @@ def test_a_database_of_the_old_schema_is_upgraded_at_start_and_old_cursors_resum
     assert left == [(None, 0)]
 
 
+def readme_recipe():
+    """The README's example copy for tasks: schema.sql's table part, and the lines to replace."""
+    with open(os.path.join(HERE, "README.md")) as f:
+        readme = f.read()
+    section = readme.split("\n## Make your own table live\n", 1)[1].split("\n## ", 1)[0]
+    table_part = re.search(r"```sql\n(.*?)```", section, re.DOTALL).group(1)
+    lines = re.search(r"```text\n(.*?)```", section, re.DOTALL).group(1).splitlines()
+    return table_part, [split_edit(line) for line in lines]
+
+
+def split_edit(line):
+    """'file: old → new' as edit.name, edit.old and edit.new."""
+    name, edit = line.split(": ", 1)
+    old, new = edit.split(" → ")
+    return SimpleNamespace(name=name, old=old, new=new)
+
+
+def copy_for_tasks(folder):
+    """Copy the app into folder and make the README's edits; how many places changed."""
+    table_part, edits = readme_recipe()
+    texts = {}
+    for name in ("app.py", "schema.sql", "index.html"):
+        with open(os.path.join(HERE, name)) as f:
+            texts[name] = f.read()
+    # schema.sql: the part between the two banners is the table's.
+    begin = texts["schema.sql"].index("-- ==== your table")
+    begin = texts["schema.sql"].index("\n", begin) + 1
+    end = texts["schema.sql"].index("-- ==== end of your table")
+    texts["schema.sql"] = (
+        texts["schema.sql"][:begin] + "\n" + table_part + "\n" + texts["schema.sql"][end:]
+    )
+    changed = 0
+    for edit in edits:
+        found = texts[edit.name].count(edit.old)
+        assert found, f"the README's edit no longer matches {edit.name}: {edit.old}"
+        texts[edit.name] = texts[edit.name].replace(edit.old, edit.new)
+        changed += found
+    for name, text in texts.items():
+        (folder / name).write_text(text)
+    return changed
+
+
+def test_the_readme_recipe_makes_a_live_task_board_from_a_copy(tmp_path, empty_database):
+    changed = copy_for_tasks(tmp_path)
+    print(f"the recipe changed {changed} places in app.py and index.html, and one table part")
+    copy = start_copy(tmp_path, empty_database)
+    try:
+        task = {"title": "Buy milk", "done": False, "assignee": "Ann"}
+        made = request("POST", "/tasks", task, app=copy)
+        assert made.status == 201, made.json
+        with listen(copy) as stream:
+            first_page = stream.until(is_ready)[:-1]
+            assert [(e["event"], e["data"]) for e in first_page] == [("tasks", made.json)]
+            # Each at once (here: within 5 s): a doorbell on the wrong channel would take 15.
+            for sql in (
+                "INSERT INTO tasks (title, assignee) VALUES ('Call Bob', 'Cy')",
+                "UPDATE tasks SET done = true WHERE title = 'Call Bob'",
+                "DELETE FROM tasks WHERE title = 'Call Bob'",
+            ):
+                started = time.monotonic()
+                psql(sql, url=empty_database)
+                event = stream.next()
+                assert time.monotonic() - started < 5, sql
+                assert event["event"] == "tasks"
+        assert event["data"]["deleted"] is True
+        assert request("GET", "/tasks", app=copy).json == [made.json]
+        # A PUT without the new field is refused, not written as empty.
+        edit = request("PUT", f"/tasks/{made.json['id']}", {"title": "Buy oat milk"}, app=copy)
+        assert edit.status == 400
+        assert "done (true or false)" in edit.json["error"]
+    finally:
+        stop_app(copy)
+    assert "Traceback" not in output(copy)
+    # app.py's names must be schema.sql's: a mismatch is one line at start.
+    app_py = tmp_path / "app.py"
+    app_py.write_text(app_py.read_text().replace('"task_json"', '"tasks_json"'))
+    done = subprocess.run(
+        [sys.executable, "app.py"],
+        cwd=tmp_path,
+        env=copy_env(empty_database, free_port()),
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()]
+    assert "cannot apply schema.sql" in done.stderr
+    assert "tasks_json" in done.stderr
+
+
 # ---- the page, in a real browser --------------------------------------------------------------
 # Playwright drives the machine's Chromium (never a downloaded one); without either, these skip.
 CHROMIUM = (
