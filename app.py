@@ -250,7 +250,7 @@ CHANGES_AFTER = """
         ORDER BY version
         LIMIT %(rows)s
     )
-    SELECT r.tbl, r.id, r.version, r.json
+    SELECT r.tbl, r.id, r.version, r.data AS json
     FROM page JOIN live_rows() AS r USING (version)
     WHERE page.bytes_before < %(bytes)s
     ORDER BY r.version

@@ -2336,7 +2336,7 @@ COMMENTS = """
         $$ LANGUAGE sql STABLE;
         CALL make_live('comments', 'body');
         CREATE OR REPLACE FUNCTION live_rows()
-        RETURNS TABLE (tbl text, id bigint, version bigint, size integer, json text) AS $$
+        RETURNS TABLE (tbl text, id bigint, version bigint, size integer, data text) AS $$
             SELECT 'newsletters', id, version, octet_length(content), newsletter_json(n)
             FROM newsletters AS n
             UNION ALL
