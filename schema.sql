@@ -1,14 +1,130 @@
--- Live newsletter schema. Re-runnable: app.py applies it at every start, in one transaction.
+-- Live tables schema. Re-runnable: app.py applies it at every start, in one transaction.
 -- Needs PostgreSQL 14 or newer (CREATE OR REPLACE TRIGGER).
+--
+-- Two parts. The machinery makes any table live: versions in commit order, tombstones, the
+-- doorbell. It is the same for every table and every copy of this project: change nothing there.
+-- Then "your table": the newsletters table, its JSON, and the line that makes it live. A copy
+-- replaces that part (README: "Make your own table live").
 
--- Processes that start together take turns (concurrent CREATE ... IF NOT EXISTS can collide);
--- the lock is held until the applying transaction commits.
-SELECT pg_advisory_xact_lock(hashtext('newsletters_schema'));
+-- ==== the machinery: the same for every live table ============================================
+
+-- The functions below keep the names they were made with (SET search_path FROM CURRENT): this
+-- schema, then pg_temp, so that no caller can slip in a table or function of the same name.
+DO $$
+BEGIN
+    PERFORM set_config('search_path', quote_ident(current_schema()) || ', pg_temp', true);
+END $$;
+
+-- The version clock: one sequence and one lock for every live table. Its table holds one row,
+-- which each writing transaction locks (live_stamp). PUBLIC gets no rights on either, so no
+-- other role can take the lock: an advisory lock would be open to every role, and any session
+-- holding it would stop every write.
+DO $$
+BEGIN
+    IF to_regclass('live_clock') IS NULL THEN
+        CREATE TABLE live_clock (one boolean PRIMARY KEY DEFAULT true CHECK (one));
+        CREATE SEQUENCE live_version;
+        REVOKE ALL ON TABLE live_clock FROM PUBLIC;
+        REVOKE ALL ON SEQUENCE live_version FROM PUBLIC;
+    END IF;
+EXCEPTION WHEN unique_violation THEN
+    -- Another process made them at the same moment: they exist now.
+END $$;
+
+-- Processes that start together take turns (concurrent CREATE ... IF NOT EXISTS can collide).
+-- Only the clock table's owner may take this lock, and it is held until the applying
+-- transaction commits. Writers are not held up: they only lock the clock's row.
+LOCK TABLE live_clock IN SHARE UPDATE EXCLUSIVE MODE;
+INSERT INTO live_clock VALUES (true) ON CONFLICT DO NOTHING;
+
+-- Every insert and update draws a new version. A sequence alone hands out numbers in the order
+-- transactions *ask*, not the order they *commit*: a reader could see version 8 while 7 is still
+-- uncommitted, move its cursor past 7 and never send it. So each writing transaction first locks
+-- the clock's row, held until it commits; versions are then drawn and made visible one
+-- transaction after the other. PostgreSQL already serialises the commits of transactions that
+-- NOTIFY, so this costs little. The price: a writer that keeps its transaction open makes the
+-- others wait. It runs with its owner's rights (SECURITY DEFINER), so that whoever may write to
+-- a live table may lock the clock, and nobody else. It sets only the columns the machinery owns,
+-- and on a tombstone empties the text columns the trigger names (see make_live).
+CREATE OR REPLACE FUNCTION live_stamp() RETURNS trigger
+SECURITY DEFINER SET search_path FROM CURRENT AS $$
+BEGIN
+    PERFORM FROM live_clock FOR UPDATE;
+    NEW.version := nextval('live_version');
+    NEW.updated_at := now();
+    IF TG_OP = 'UPDATE' THEN
+        NEW.created_at := OLD.created_at;
+    END IF;
+    IF NEW.deleted AND TG_NARGS > 0 THEN  -- a tombstone keeps its id and version, not the text
+        NEW := jsonb_populate_record(NEW, (SELECT jsonb_object_agg(name, '')
+                                           FROM unnest(TG_ARGV) AS name));
+    END IF;
+    RETURN NEW;
+END $$ LANGUAGE plpgsql;
+
+-- A DELETE, from the API or from psql, becomes an update to a tombstone, so it gets a version
+-- like any other change. (psql reports "DELETE 0" because the row itself stays.)
+CREATE OR REPLACE FUNCTION live_tombstone() RETURNS trigger AS $$
+BEGIN
+    EXECUTE format('UPDATE %I.%I SET deleted = true WHERE id = $1 AND NOT deleted',
+                   TG_TABLE_SCHEMA, TG_TABLE_NAME) USING OLD.id;
+    RETURN NULL;
+END $$ LANGUAGE plpgsql;
+
+-- The doorbell: one payload-free NOTIFY per statement, on one channel for every live table.
+-- Listeners read what changed from the tables, so the 8000-byte payload limit never matters, and
+-- PostgreSQL folds repeated notifications within a transaction into one. NOTIFY is sent at
+-- commit, so a rolled-back transaction rings nothing. If the notification queue is half full
+-- (a session that LISTENs and never reads fills it, and a full queue fails every notifying
+-- commit), the bell stays silent and says so: the listeners read every CHECK_EVERY seconds
+-- anyway, so the change arrives late but the write never fails.
+CREATE OR REPLACE FUNCTION live_notify() RETURNS trigger AS $$
+BEGIN
+    IF pg_notification_queue_usage() > 0.5 THEN
+        RAISE WARNING 'live_notify: the NOTIFY queue is % %% full; changes to % arrive late',
+            round(pg_notification_queue_usage() * 100), TG_TABLE_NAME;
+        RETURN NULL;
+    END IF;
+    NOTIFY live_changes;
+    RETURN NULL;
+END $$ LANGUAGE plpgsql;
+
+-- Makes a table live: gives it three triggers, live_stamp (naming the text columns a tombstone
+-- empties), live_tombstone and live_notify. It creates a trigger only when it is missing or
+-- different: a start that finds them in place takes no lock on the table. (Any session, even of
+-- a role with no rights, can hold a lock on a table it can name, with PREPARE, that CREATE
+-- TRIGGER would wait for.) The table needs the columns id, version, deleted, created_at and
+-- updated_at, as the one below has them.
+CREATE OR REPLACE PROCEDURE make_live(live_table regclass, VARIADIC emptied text[] DEFAULT '{}')
+AS $$
+DECLARE
+    target text := (SELECT format('%s.%I', relnamespace::regnamespace, relname)
+                    FROM pg_class WHERE oid = live_table);
+    names text := (SELECT string_agg(quote_literal(name), ', ') FROM unnest(emptied) AS name);
+    wanted text;
+BEGIN
+    FOREACH wanted IN ARRAY ARRAY[
+        format('CREATE TRIGGER live_stamp BEFORE INSERT OR UPDATE ON %s'
+               ' FOR EACH ROW EXECUTE FUNCTION live_stamp(%s)', target, names),
+        format('CREATE TRIGGER live_tombstone BEFORE DELETE ON %s'
+               ' FOR EACH ROW EXECUTE FUNCTION live_tombstone()', target),
+        format('CREATE TRIGGER live_notify AFTER INSERT OR DELETE OR UPDATE ON %s'
+               ' FOR EACH STATEMENT EXECUTE FUNCTION live_notify()', target)]
+    LOOP
+        IF NOT EXISTS (SELECT FROM pg_trigger
+                       WHERE tgrelid = live_table AND pg_get_triggerdef(oid) = wanted) THEN
+            EXECUTE replace(wanted, 'CREATE TRIGGER', 'CREATE OR REPLACE TRIGGER');
+        END IF;
+    END LOOP;
+END $$ LANGUAGE plpgsql;
+
+-- ==== your table: newsletters ================================================================
 
 CREATE TABLE IF NOT EXISTS newsletters (
     id          bigserial   PRIMARY KEY,
     title       text        NOT NULL,
     content     text        NOT NULL,
+    -- The machinery's columns: every live table has them, as they are here.
     created_at  timestamptz NOT NULL DEFAULT now(),
     updated_at  timestamptz NOT NULL DEFAULT now(),
     version     bigint      NOT NULL UNIQUE,        -- position in the change stream; the unique index serves "version > N"
@@ -23,20 +139,6 @@ CREATE TABLE IF NOT EXISTS newsletters (
         CHECK (octet_length(content) <= 1048576)
 );
 
--- Upgrade: a table made before the title rule ignored tabs and line breaks as the content rule
--- does gets the new rule (NOT VALID: rows already written are not checked again).
-DO $$
-BEGIN
-    IF NOT EXISTS (SELECT FROM pg_constraint
-                   WHERE conrelid = 'newsletters'::regclass
-                     AND conname = 'title must be 1 to 200 characters'
-                     AND position(E'\t' IN pg_get_constraintdef(oid)) > 0) THEN
-        ALTER TABLE newsletters DROP CONSTRAINT IF EXISTS "title must be 1 to 200 characters";
-        ALTER TABLE newsletters ADD CONSTRAINT "title must be 1 to 200 characters"
-            CHECK (deleted OR char_length(btrim(title, E' \t\r\n')) BETWEEN 1 AND 200) NOT VALID;
-    END IF;
-END $$;
-
 -- Each row as the JSON that the app sends, written by PostgreSQL: the app
 -- frames this text without parsing it, so any value the table accepts (a
 -- date in the year 12000, 'infinity') reaches every browser. A tombstone
@@ -50,58 +152,51 @@ CREATE OR REPLACE FUNCTION newsletter_json(n newsletters) RETURNS text AS $$
     END::text
 $$ LANGUAGE sql STABLE;
 
-CREATE SEQUENCE IF NOT EXISTS newsletters_version;
+-- Live, and a tombstone empties its title and content.
+CALL make_live('newsletters', 'title', 'content');
 
--- Every insert and update draws a new version. A sequence alone hands out
--- numbers in the order transactions *ask*, not the order they *commit*: a
--- reader could see version 8 while 7 is still uncommitted, move its cursor
--- past 7 and never send it. So each writing transaction first takes one
--- transaction-scoped advisory lock, held until it commits; versions are then
--- drawn and made visible one transaction after the other. PostgreSQL already
--- serialises the commits of transactions that NOTIFY, so this costs little.
--- The price: a writer that keeps its transaction open makes the others wait.
-CREATE OR REPLACE FUNCTION newsletters_stamp() RETURNS trigger AS $$
+-- What the change stream reads (app.py's CHANGES_AFTER): every live table's rows, one SELECT per
+-- table joined by UNION ALL. Each says its table (the SSE event name, which the page's
+-- addEventListener names), its id, its version, its size (the column that makes a row big: a
+-- read of the stream takes about PAGE_BYTES of it) and its JSON, the SSE event's data.
+CREATE OR REPLACE FUNCTION live_rows()
+RETURNS TABLE (tbl text, id bigint, version bigint, size integer, data text) AS $$
+    SELECT 'newsletters', id, version, octet_length(content), newsletter_json(n) FROM newsletters AS n
+$$ LANGUAGE sql STABLE;
+
+-- ==== end of your table =======================================================================
+
+-- ==== upgrades of databases made by older versions of this file ==============================
+-- A copy for another table may delete this part; it does nothing where there are no newsletters.
+
+-- A table made before the title rule ignored tabs and line breaks as the content rule does gets
+-- the new rule (NOT VALID: rows already written are not checked again).
+DO $$
 BEGIN
-    PERFORM pg_advisory_xact_lock(hashtext('newsletters_version'));
-    NEW.version := nextval('newsletters_version');
-    NEW.updated_at := now();
-    IF TG_OP = 'UPDATE' THEN
-        NEW.created_at := OLD.created_at;
+    IF NOT EXISTS (SELECT FROM pg_constraint
+                   WHERE conrelid = to_regclass('newsletters')
+                     AND conname = 'title must be 1 to 200 characters'
+                     AND position(E'\t' IN pg_get_constraintdef(oid)) > 0)
+       AND to_regclass('newsletters') IS NOT NULL THEN
+        ALTER TABLE newsletters DROP CONSTRAINT IF EXISTS "title must be 1 to 200 characters";
+        ALTER TABLE newsletters ADD CONSTRAINT "title must be 1 to 200 characters"
+            CHECK (deleted OR char_length(btrim(title, E' \t\r\n')) BETWEEN 1 AND 200) NOT VALID;
     END IF;
-    IF NEW.deleted THEN  -- a tombstone keeps its id and version, not the text
-        NEW.title := '';
-        NEW.content := '';
+END $$;
+
+-- Newsletters from before the shared machinery had a sequence, an advisory lock, triggers and a
+-- channel of their own. The shared sequence goes on from where theirs stopped, so browsers
+-- holding versions from before resume exactly; then the old triggers, functions and sequence
+-- go, so that nothing draws from the old sequence again. (make_live above has already locked
+-- the table against writers, until this transaction commits.)
+DO $$
+BEGIN
+    IF to_regclass('newsletters_version') IS NOT NULL THEN
+        PERFORM setval('live_version', last_value, is_called) FROM newsletters_version;
+        DROP TRIGGER IF EXISTS newsletters_stamp ON newsletters;
+        DROP TRIGGER IF EXISTS newsletters_tombstone ON newsletters;
+        DROP TRIGGER IF EXISTS newsletters_notify ON newsletters;
+        DROP FUNCTION IF EXISTS newsletters_stamp(), newsletters_tombstone(), newsletters_notify();
+        DROP SEQUENCE newsletters_version;
     END IF;
-    RETURN NEW;
-END $$ LANGUAGE plpgsql;
-
-CREATE OR REPLACE TRIGGER newsletters_stamp
-    BEFORE INSERT OR UPDATE ON newsletters
-    FOR EACH ROW EXECUTE FUNCTION newsletters_stamp();
-
--- A DELETE, from the API or from psql, becomes an update to a tombstone, so
--- it gets a version like any other change. (psql reports "DELETE 0" because
--- the row itself stays.)
-CREATE OR REPLACE FUNCTION newsletters_tombstone() RETURNS trigger AS $$
-BEGIN
-    UPDATE newsletters SET deleted = true WHERE id = OLD.id AND NOT deleted;
-    RETURN NULL;
-END $$ LANGUAGE plpgsql;
-
-CREATE OR REPLACE TRIGGER newsletters_tombstone
-    BEFORE DELETE ON newsletters
-    FOR EACH ROW EXECUTE FUNCTION newsletters_tombstone();
-
--- The doorbell: one payload-free NOTIFY per statement. Listeners read what
--- changed from the table, so the 8000-byte payload limit never matters, and
--- PostgreSQL folds repeated notifications within a transaction into one.
--- NOTIFY is sent at commit, so a rolled-back transaction rings nothing.
-CREATE OR REPLACE FUNCTION newsletters_notify() RETURNS trigger AS $$
-BEGIN
-    NOTIFY newsletters;
-    RETURN NULL;
-END $$ LANGUAGE plpgsql;
-
-CREATE OR REPLACE TRIGGER newsletters_notify
-    AFTER INSERT OR UPDATE OR DELETE ON newsletters
-    FOR EACH STATEMENT EXECUTE FUNCTION newsletters_notify();
+END $$;

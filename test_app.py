@@ -710,10 +710,10 @@ def test_a_publish_through_the_api_shows_up_in_the_list_and_on_a_stream(app):
 
 
 def test_the_api_answers_publish_with_201_and_a_location(app):
-    res = request("POST", "/newsletters", {"title": "  Trimmed  ", "content": "x"})
+    res = request("POST", "/newsletters", {"title": "Located", "content": "x"})
     assert res.status == 201
     assert res.headers["Location"] == f"/newsletters/{res.json['id']}"
-    assert res.json["title"] == "Trimmed"
+    assert res.json["title"] == "Located"
 
 
 def test_psql_insert_update_and_delete_show_up_on_a_stream_delete_as_a_tombstone(app):
@@ -831,7 +831,7 @@ def test_an_http_1_0_client_gets_the_stream_without_chunked_encoding(app):
         while b"event: ready" not in received:
             received += old.recv(65536)
         row = publish("To an old client")
-        frame = b"id: %d\nevent: newsletter\ndata: " % row["version"]
+        frame = b"id: %d\nevent: newsletters\ndata: " % row["version"]
         while frame not in received or not received.endswith(b"\n\n"):
             received += old.recv(65536)
     headers, _, body = received.partition(b"\r\n\r\n")
@@ -921,7 +921,7 @@ def test_a_cursor_that_is_not_a_non_negative_integer_is_treated_as_absent(
     without_cursor = catch_up_events()
     for given in ({"last_event_id": cursor}, {"since": cursor}):
         events = catch_up_events(**given)
-        assert events[0]["event"] in ("newsletter", "ready")
+        assert events[0]["event"] in ("newsletters", "ready")
         assert events == without_cursor, given
 
 
@@ -2509,6 +2509,318 @@ def test_a_flood_of_slow_and_oversized_request_heads_logs_a_few_lines_and_no_tra
         assert len(log) <= 4  # one line a second of each kind, at most
 
 
+# ---- your own table: the machinery shared by every live table --------------------------------
+def copy_env(database_url, port):
+    """The environment for a copy of the app: database_url, port, and nothing else set."""
+    env = {**os.environ, "DATABASE_URL": database_url, "PORT": str(port)}
+    env.pop("WRITE_TOKEN", None)
+    return env
+
+
+def start_copy(folder, database_url):
+    """The copy's `python app.py` on database_url, once /healthz says it is up."""
+    port = free_port()
+    env = copy_env(database_url, port)
+    log = tempfile.TemporaryFile()  # noqa: SIM115 (open as long as the app runs)
+    proc = subprocess.Popen(
+        [sys.executable, "app.py"], cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    copy = SimpleNamespace(proc=proc, port=port, url=f"http://127.0.0.1:{port}", log=log)
+    try:
+        wait_until_healthy(copy)
+    except AssertionError:
+        stop_app(copy)
+        raise
+    return copy
+
+
+# A second table live beside the newsletters, as the README says.
+COMMENTS = """
+        CREATE TABLE IF NOT EXISTS comments (
+            id bigserial PRIMARY KEY, body text NOT NULL,
+            created_at timestamptz NOT NULL DEFAULT now(),
+            updated_at timestamptz NOT NULL DEFAULT now(),
+            version bigint NOT NULL UNIQUE, deleted boolean NOT NULL DEFAULT false);
+        CREATE OR REPLACE FUNCTION comment_json(c comments) RETURNS text AS $$
+            SELECT json_build_object('id', c.id, 'body', c.body, 'version', c.version,
+                                     'deleted', c.deleted)::text
+        $$ LANGUAGE sql STABLE;
+        CALL make_live('comments', 'body');
+        CREATE OR REPLACE FUNCTION live_rows()
+        RETURNS TABLE (tbl text, id bigint, version bigint, size integer, data text) AS $$
+            SELECT 'newsletters', id, version, octet_length(content), newsletter_json(n)
+            FROM newsletters AS n
+            UNION ALL
+            SELECT 'comments', id, version, octet_length(body), comment_json(c) FROM comments AS c
+        $$ LANGUAGE sql STABLE;
+"""
+
+
+def comments_on_the_same_stream(url):
+    """Make the comments table live beside the newsletters, from psql."""
+    psql(COMMENTS, url=url)
+
+
+def comment(body, url):
+    """Insert a comment as psql would; its id."""
+    return psql("INSERT INTO comments (body) VALUES (%s) RETURNING id", body, url=url)[0][0]
+
+
+def test_a_second_live_table_shares_the_stream_in_version_order_and_its_ids_overwrite_nothing(
+    empty_database,
+):
+    with running_app(empty_database) as app:
+        comments_on_the_same_stream(empty_database)
+        with listen(app, since=0) as stream:
+            stream.ready()
+            newsletter = publish("Newsletter 1", app=app)
+            comment_id = comment("Comment 1", empty_database)
+            psql("UPDATE comments SET body = 'Comment 1, edited'", url=empty_database)
+            psql("DELETE FROM newsletters", url=empty_database)
+            live = [stream.next() for _ in range(4)]
+        # Resuming from 0 is served from the in-memory log: both rows with id 1 are in it.
+        with listen(app, since=0) as stream:
+            resumed = stream.until(is_ready)[:-1]
+    assert newsletter["id"] == comment_id == 1
+    assert [e["event"] for e in live] == ["newsletters", "comments", "comments", "newsletters"]
+    assert [int(e["id"]) for e in live] == sorted(int(e["id"]) for e in live)
+    assert live[2]["data"] == {"id": 1, "body": "Comment 1, edited", "version": 3, "deleted": False}
+    assert [(e["event"], e["data"]) for e in resumed] == [
+        ("comments", live[2]["data"]),
+        ("newsletters", {"id": 1, "version": 4, "deleted": True}),
+    ]
+    # A tombstone empties the columns make_live names.
+    assert psql("SELECT title, content FROM newsletters", url=empty_database) == [("", "")]
+
+
+def test_a_second_live_table_is_resumed_from_the_table_after_a_restart(tmp_path, empty_database):
+    # A copy whose schema.sql has the comments table in its table part.
+    for name in ("app.py", "schema.sql", "index.html"):
+        shutil.copy(os.path.join(HERE, name), tmp_path)
+    schema = (tmp_path / "schema.sql").read_text()
+    end = schema.index("-- ==== end of your table")
+    (tmp_path / "schema.sql").write_text(schema[:end] + COMMENTS + "\n" + schema[end:])
+    copy = start_copy(tmp_path, empty_database)
+    try:
+        first = publish("Before the comment", app=copy)
+    finally:
+        stop_app(copy)
+    comment("After the newsletter", empty_database)
+    publish_later = insert("After the comment", url=empty_database)
+    # A new process has an empty log: the catch-up comes from live_rows(), in version order.
+    copy = start_copy(tmp_path, empty_database)
+    try:
+        with listen(copy, since=first["version"]) as stream:
+            missed = stream.until(is_ready)[:-1]
+    finally:
+        stop_app(copy)
+    assert [(e["event"], e["data"]["id"]) for e in missed] == [
+        ("comments", 1),
+        ("newsletters", publish_later),
+    ]
+
+
+@contextlib.contextmanager
+def connect_only_role(url):
+    """A role that may log in and nothing else (no grants): its connection string."""
+    name = f"nobody_{os.getpid()}"
+    psql(f"DROP ROLE IF EXISTS {name}; CREATE ROLE {name} LOGIN PASSWORD 'nobody'", url=url)
+    try:
+        yield psycopg2.extensions.make_dsn(url, user=name, password="nobody")
+    finally:
+        psql(f"DROP ROLE IF EXISTS {name}", url=url)
+
+
+def test_a_role_with_no_rights_can_neither_hold_up_writes_nor_block_a_start(empty_database):
+    with running_app(empty_database) as app, connect_only_role(empty_database) as nobody:
+        for attempt in ("SELECT FROM live_clock FOR UPDATE", "BEGIN; LOCK TABLE live_clock"):
+            with pytest.raises(psycopg2.errors.InsufficientPrivilege):
+                psql(attempt, url=nobody)
+        idle = psycopg2.connect(nobody)
+        try:
+            with idle.cursor() as cur:  # BEGIN; ... and wait
+                # What an advisory lock allowed anyone: the old version and schema keys.
+                cur.execute("SELECT pg_advisory_lock(hashtext('newsletters_version'))")
+                cur.execute("SELECT pg_advisory_lock(hashtext('newsletters_schema'))")
+                # A lock that CREATE TRIGGER on the table would wait for: PREPARE checks no rights.
+                cur.execute("PREPARE hold AS UPDATE newsletters SET title = title")
+            assert publish("Written while nobody waits", app=app)["title"]
+            with running_app(empty_database) as second:
+                assert publish("Through a second start", app=second)["title"]
+        finally:
+            idle.close()
+
+
+# Today's schema.sql before the shared machinery, cut to what made its versions: its own
+# sequence, advisory lock, triggers and channel. (A string here, not git: the tests run anywhere.)
+OLD_SCHEMA = """
+CREATE TABLE newsletters (
+    id bigserial PRIMARY KEY, title text NOT NULL, content text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(), updated_at timestamptz NOT NULL DEFAULT now(),
+    version bigint NOT NULL UNIQUE, deleted boolean NOT NULL DEFAULT false,
+    CONSTRAINT "title must be 1 to 200 characters"
+        CHECK (deleted OR char_length(btrim(title, E' \\t\\r\\n')) BETWEEN 1 AND 200),
+    CONSTRAINT "content must not be empty" CHECK (deleted OR btrim(content, E' \\t\\r\\n') <> ''),
+    CONSTRAINT "content must be at most 1 MiB" CHECK (octet_length(content) <= 1048576));
+CREATE FUNCTION newsletter_json(n newsletters) RETURNS text AS $$
+    SELECT CASE
+        WHEN n.deleted THEN json_build_object('id', n.id, 'version', n.version, 'deleted', true)
+        ELSE json_build_object('id', n.id, 'title', n.title, 'content', n.content,
+                               'created_at', n.created_at, 'updated_at', n.updated_at,
+                               'version', n.version, 'deleted', false)
+    END::text
+$$ LANGUAGE sql STABLE;
+CREATE SEQUENCE newsletters_version;
+CREATE FUNCTION newsletters_stamp() RETURNS trigger AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtext('newsletters_version'));
+    NEW.version := nextval('newsletters_version');
+    NEW.updated_at := now();
+    IF TG_OP = 'UPDATE' THEN NEW.created_at := OLD.created_at; END IF;
+    IF NEW.deleted THEN NEW.title := ''; NEW.content := ''; END IF;
+    RETURN NEW;
+END $$ LANGUAGE plpgsql;
+CREATE TRIGGER newsletters_stamp BEFORE INSERT OR UPDATE ON newsletters
+    FOR EACH ROW EXECUTE FUNCTION newsletters_stamp();
+CREATE FUNCTION newsletters_tombstone() RETURNS trigger AS $$
+BEGIN
+    UPDATE newsletters SET deleted = true WHERE id = OLD.id AND NOT deleted;
+    RETURN NULL;
+END $$ LANGUAGE plpgsql;
+CREATE TRIGGER newsletters_tombstone BEFORE DELETE ON newsletters
+    FOR EACH ROW EXECUTE FUNCTION newsletters_tombstone();
+CREATE FUNCTION newsletters_notify() RETURNS trigger AS $$
+BEGIN
+    NOTIFY newsletters;
+    RETURN NULL;
+END $$ LANGUAGE plpgsql;
+CREATE TRIGGER newsletters_notify AFTER INSERT OR UPDATE OR DELETE ON newsletters
+    FOR EACH STATEMENT EXECUTE FUNCTION newsletters_notify();
+"""
+
+
+def test_a_database_of_the_old_schema_is_upgraded_at_start_and_old_cursors_resume_exactly(
+    empty_database,
+):
+    psql(OLD_SCHEMA, url=empty_database)
+    ids = [insert(f"Old {i}", url=empty_database) for i in range(4)]
+    psql("DELETE FROM newsletters WHERE id = %s", ids[0], url=empty_database)
+    psql("UPDATE newsletters SET title = 'Old 1, edited' WHERE id = %s", ids[1], url=empty_database)
+    # Drawn and rolled back: the sequence is ahead of every row, and must stay ahead.
+    psql(
+        "BEGIN; INSERT INTO newsletters (title, content) VALUES ('x', 'y'); ROLLBACK",
+        url=empty_database,
+    )
+    old_next = psql("SELECT last_value FROM newsletters_version", url=empty_database)[0][0] + 1
+    missed = psql(
+        "SELECT id, version FROM newsletters WHERE version > 3 ORDER BY version", url=empty_database
+    )
+    with running_app(empty_database) as app:
+        with listen(app, since=3) as stream:
+            resumed = stream.until(is_ready)[:-1]
+            new = insert("New", url=empty_database)
+            live = stream.next()
+        left = psql(
+            "SELECT to_regclass('newsletters_version'),"
+            " (SELECT count(*) FROM pg_proc WHERE proname LIKE 'newsletters\\_%')",
+            url=empty_database,
+        )
+    assert [(e["data"]["id"], e["data"]["version"]) for e in resumed] == missed
+    assert len(missed) == 3
+    assert (live["data"]["id"], live["data"]["version"]) == (new, old_next)
+    assert left == [(None, 0)]
+
+
+def readme_recipe():
+    """The README's example copy for tasks: schema.sql's table part, and the lines to replace."""
+    with open(os.path.join(HERE, "README.md")) as f:
+        readme = f.read()
+    section = readme.split("\n## Make your own table live\n", 1)[1].split("\n## ", 1)[0]
+    table_part = re.search(r"```sql\n(.*?)```", section, re.DOTALL).group(1)
+    lines = re.search(r"```text\n(.*?)```", section, re.DOTALL).group(1).splitlines()
+    return table_part, [split_edit(line) for line in lines]
+
+
+def split_edit(line):
+    """'file: old → new' as edit.name, edit.old and edit.new."""
+    name, edit = line.split(": ", 1)
+    old, new = edit.split(" → ")
+    return SimpleNamespace(name=name, old=old, new=new)
+
+
+def copy_for_tasks(folder):
+    """Copy the app into folder and make the README's edits; how many places changed."""
+    table_part, edits = readme_recipe()
+    texts = {}
+    for name in ("app.py", "schema.sql", "index.html"):
+        with open(os.path.join(HERE, name)) as f:
+            texts[name] = f.read()
+    # schema.sql: the part between the two banners is the table's.
+    begin = texts["schema.sql"].index("-- ==== your table")
+    begin = texts["schema.sql"].index("\n", begin) + 1
+    end = texts["schema.sql"].index("-- ==== end of your table")
+    texts["schema.sql"] = (
+        texts["schema.sql"][:begin] + "\n" + table_part + "\n" + texts["schema.sql"][end:]
+    )
+    changed = 0
+    for edit in edits:
+        found = texts[edit.name].count(edit.old)
+        assert found, f"the README's edit no longer matches {edit.name}: {edit.old}"
+        texts[edit.name] = texts[edit.name].replace(edit.old, edit.new)
+        changed += found
+    for name, text in texts.items():
+        (folder / name).write_text(text)
+    return changed
+
+
+def test_the_readme_recipe_makes_a_live_task_board_from_a_copy(tmp_path, empty_database):
+    changed = copy_for_tasks(tmp_path)
+    print(f"the recipe changed {changed} places in app.py and index.html, and one table part")
+    copy = start_copy(tmp_path, empty_database)
+    try:
+        task = {"title": "Buy milk", "done": False, "assignee": "Ann"}
+        made = request("POST", "/tasks", task, app=copy)
+        assert made.status == 201, made.json
+        with listen(copy) as stream:
+            first_page = stream.until(is_ready)[:-1]
+            assert [(e["event"], e["data"]) for e in first_page] == [("tasks", made.json)]
+            # Each at once (here: within 5 s): a doorbell on the wrong channel would take 15.
+            for sql in (
+                "INSERT INTO tasks (title, assignee) VALUES ('Call Bob', 'Cy')",
+                "UPDATE tasks SET done = true WHERE title = 'Call Bob'",
+                "DELETE FROM tasks WHERE title = 'Call Bob'",
+            ):
+                started = time.monotonic()
+                psql(sql, url=empty_database)
+                event = stream.next()
+                assert time.monotonic() - started < 5, sql
+                assert event["event"] == "tasks"
+        assert event["data"]["deleted"] is True
+        assert request("GET", "/tasks", app=copy).json == [made.json]
+        # A PUT without the new field is refused, not written as empty.
+        edit = request("PUT", f"/tasks/{made.json['id']}", {"title": "Buy oat milk"}, app=copy)
+        assert edit.status == 400
+        assert "done (true or false)" in edit.json["error"]
+    finally:
+        stop_app(copy)
+    assert "Traceback" not in output(copy)
+    # app.py's names must be schema.sql's: a mismatch is one line at start.
+    app_py = tmp_path / "app.py"
+    app_py.write_text(app_py.read_text().replace('"task_json"', '"tasks_json"'))
+    done = subprocess.run(
+        [sys.executable, "app.py"],
+        cwd=tmp_path,
+        env=copy_env(empty_database, free_port()),
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()]
+    assert "cannot apply schema.sql" in done.stderr
+    assert "tasks_json" in done.stderr
+
+
 # ---- the page, in a real browser --------------------------------------------------------------
 # Playwright drives the machine's Chromium (never a downloaded one); without either, these skip.
 # CHROMIUM=<path> names the browser to use; CHROMIUM= (empty) skips them as if there were none.
@@ -2868,7 +3180,7 @@ def test_a_save_refused_with_412_shows_the_change_the_answer_carries(browser, si
     row = next(r for r in request("GET", "/newsletters", app=site.app).json if r["id"] == nid)
     # A stream that delivers this row, then nothing more: the page hears of changes only in answers.
     frames = (
-        f"retry: 3600000\n\nid: {row['version']}\nevent: newsletter\ndata: {json.dumps(row)}\n\n"
+        f"retry: 3600000\n\nid: {row['version']}\nevent: newsletters\ndata: {json.dumps(row)}\n\n"
         f'id: {row["version"]}\nevent: ready\ndata: {{"version": {row["version"]}}}\n\n'
     )
     context = browser.new_context()
