@@ -5,8 +5,8 @@ How a change travels, and the functions it passes through:
   -> schema.sql: the trigger live_stamp() gives the row a version, in commit order, and
      live_notify() rings NOTIFY live_changes, with no payload: it is only a doorbell
   -> listen(): this process's one LISTEN connection; wait_for_doorbell() hears the ring
-  -> read_changes(): every row changed after latest_version, read from the table (the truth),
-     each row framed once as a Server-Sent Event by sse_frame()
+  -> read_changes(): every row changed after latest_version, read from the table (the truth) on
+     a second connection, each row framed once as a Server-Sent Event by sse_frame()
   -> remember() keeps the frame in a small in-memory log, for streams that are behind, and
      broadcast() writes it to every stream that is caught up ("parked"): one write each
   -> events() and stream_changes(): one browser's stream; a new or resuming one first sends its
@@ -72,12 +72,13 @@ CHANNEL = "live_changes"  # the doorbell of every live table (schema.sql's live_
 
 # The lesson's knobs.
 DATABASE_URL = os.environ.get("DATABASE_URL", "")  # unset: see open_database()
+LISTEN_DATABASE_URL = os.environ.get("LISTEN_DATABASE_URL", "")  # unset: DATABASE_URL; see listen()
 HOST = os.environ.get("HOST", "127.0.0.1")  # 0.0.0.0 to serve other machines
 PORT = os.environ.get("PORT", "8000")  # a number from 1 to 65535
 WORKERS = os.environ.get("WORKERS", "1")  # server processes sharing the port: up to one per core
-POOL_SIZE = 4  # connections for request handlers; the listener holds one more
+POOL_SIZE = 4  # connections for request handlers; the listener holds two more (listen, read)
 DB_TIMEOUT = 5  # seconds a database round trip may take before the connection counts as dead
-CHECK_EVERY = 15  # seconds the listener waits for a NOTIFY before it reads anyway
+CHECK_EVERY = os.environ.get("CHECK_EVERY", "15")  # seconds between the listener's own checks
 PING_EVERY = 15  # seconds without a frame before quiet streams get a ": ping"
 LOG_ROWS = 1000  # recently changed rows kept in memory, so resuming clients cost no query...
 LOG_BYTES = 16_000_000  # ...and at most this many bytes of them
@@ -124,18 +125,44 @@ psycopg2.extensions.set_wait_callback(wait)
 psycopg2.extensions.register_type(psycopg2.extensions.BYTES)
 
 
-def connect():
-    """A new connection, whose statements the server itself gives up on just before we would."""
-    # A statement stuck behind a lock (a psql session that holds the version lock) is then
-    # cancelled by PostgreSQL, so its session ends with our request instead of piling up.
-    server_timeout_ms = DB_TIMEOUT * 1000 - 500
-    return psycopg2.connect(
-        database_url,
+def connect(dsn):
+    """A new connection to dsn, which keeps at most one notification however many arrive."""
+    conn = psycopg2.connect(
+        dsn,
         fallback_application_name="newsletter",
-        options=f"-c statement_timeout={server_timeout_ms} -c lock_timeout={server_timeout_ms}",
         # Rows as named tuples: row.version, row.json.
         cursor_factory=psycopg2.extras.NamedTupleCursor,
     )
+    # psycopg2 keeps every notification in conn.notifies until someone clears the list, and
+    # NOTIFY needs no privilege: any role that can connect could flood it into gigabytes. The
+    # doorbell carries nothing; whether it rang is all the listener asks (wait_for_doorbell).
+    conn.notifies = collections.deque(maxlen=1)
+    return conn
+
+
+def listen_url():
+    """The listener's connection string: LISTEN_DATABASE_URL, else the app's own database."""
+    return LISTEN_DATABASE_URL or database_url
+
+
+# Each transaction bounds its own waits, so that the server gives up on a statement just before
+# we would: one stuck behind a lock (a psql session that holds the version lock) is cancelled by
+# PostgreSQL, and its session ends with our request instead of piling up. SET LOCAL lasts until
+# the transaction ends, which is what a pooler in transaction mode (PgBouncer) needs: it hands
+# the server session to another client after each transaction, and refuses settings at connect.
+SERVER_TIMEOUT_MS = DB_TIMEOUT * 1000 - 500
+BOUNDED = (
+    f"SET LOCAL statement_timeout = {SERVER_TIMEOUT_MS};"
+    f" SET LOCAL lock_timeout = {SERVER_TIMEOUT_MS}; "
+)
+
+
+def in_transaction(conn, sql, params=()):
+    """All rows of one statement, in a transaction of its own on conn, its waits bounded."""
+    # The with block commits, or rolls back on an error. The SETs go in the same round trip.
+    with conn, conn.cursor() as cur:
+        cur.execute(BOUNDED + sql, params)
+        return cur.fetchall()
 
 
 def hung_up(conn):
@@ -157,7 +184,7 @@ def usable(conn):
     if conn is not None and hung_up(conn):
         conn.close()
     if conn is None or conn.closed:
-        conn = connect()
+        conn = connect(database_url)
     return conn
 
 
@@ -169,10 +196,7 @@ def query(sql, params=()):
         abort(503, "every database connection is busy; try again shortly")
     try:
         conn = usable(conn)
-        # The with block commits, or rolls back on an error.
-        with conn, conn.cursor() as cur:
-            cur.execute(sql, params)
-            return cur.fetchall()
+        return in_transaction(conn, sql, params)
     except (psycopg2.Error, ValueError) as error:
         # A rule of the table, a busy table, a lost database: each its own 4xx or 503.
         refuse_for_database_error(error, conn)
@@ -195,8 +219,12 @@ def apply_schema():
     with open(os.path.join(HERE, "schema.sql")) as f:
         schema = f.read()
     # closing() closes the connection; `with conn` is one transaction, committed at the end.
-    with contextlib.closing(connect()) as conn, conn, conn.cursor() as cur:
-        cur.execute(schema)
+    with contextlib.closing(connect(database_url)) as conn, conn, conn.cursor() as cur:
+        # A standby (after a failover, stale DNS may still name the old primary) cannot be
+        # written to, and has the primary's schema already: start, and let the listener say so.
+        cur.execute("SELECT pg_is_in_recovery() AS standby")
+        if not cur.fetchone().standby:
+            cur.execute(BOUNDED + schema)
         # app.py's names must be schema.sql's: a mismatch is said now, not at the first request.
         cur.execute(f"SELECT {ROW_JSON}(t) FROM {TABLE} AS t LIMIT 0")
         cur.execute("SELECT coalesce(max(version), 0) AS version FROM live_rows()")
@@ -226,7 +254,11 @@ latest_version = 0  # read_changes: every change up to this version has been rea
 recent = collections.OrderedDict()  # remember: (table, id) -> Change, the newest, oldest first
 recent_bytes = 0  # remember: the size of the frames in recent
 log_start = 0  # remember: recent holds every change after this version; older ones are in the table
-listening = False  # listen: whether the listener is connected (/healthz says 503 while not)
+NOT_YET = "has not heard its doorbell yet"
+listener_trouble = NOT_YET  # listen: what keeps it from hearing its doorbell; "" while nothing
+last_read_at = time.monotonic()  # read_changes: when the listener last finished a read of the table
+rang_at = None  # hear_and_read: when it rang its own doorbell, while it has heard no ring since
+queue_usage = None  # ring_own_doorbell: how full NOTIFY's queue is, from 0 to 1 (/healthz says it)
 parked = {}  # stream_changes and broadcast: socket descriptor -> Parked, the caught-up streams
 open_streams = 0  # stream_changes: browsers connected to /events, parked or not
 last_frame_at = time.monotonic()  # broadcast: when parked streams were last sent a frame or ping
@@ -303,16 +335,15 @@ def remember(row, change):
 
 def read_changes(conn):
     """Read every change after latest_version, a page at a time: log it, send it; any found?"""
-    global latest_version, next_read
+    global latest_version, next_read, last_read_at
     # Streams waiting for a read that starts after they arrived wait for this one (see
     # request_a_fresh_read); streams that arrive from now on wait for the next.
     this_read = next_read
     next_read = gevent.event.Event()
     found = False
     while True:
-        with conn.cursor() as cur:
-            cur.execute(CHANGES_AFTER, one_page(latest_version, ANY_VERSION))
-            rows = cur.fetchall()
+        rows = in_transaction(conn, CHANGES_AFTER, one_page(latest_version, ANY_VERSION))
+        last_read_at = time.monotonic()
         if not rows:
             break
         frames = []
@@ -352,50 +383,116 @@ def empty_the_pipe():
             return
 
 
-def wait_for_doorbell(conn):
-    """Wait for a NOTIFY, for a stream that asks for a read, or for CHECK_EVERY seconds."""
+def wait_for_doorbell(conn, timeout):
+    """Wait for a NOTIFY, for a stream that asks for a read, or timeout seconds; did it ring?"""
     # The LISTEN loop of psycopg2's docs, "Asynchronous notifications"
     # (https://www.psycopg.org/docs/advanced.html#asynchronous-notifications): wait until the
     # connection is readable, poll() it, and take what arrived from conn.notifies.
-    # The timeout is a safety net: a missed NOTIFY is read at most CHECK_EVERY seconds late, and
-    # the read after it proves the connection is still alive.
     doorbells = select.poll()
     doorbells.register(conn, select.POLLIN)
     doorbells.register(wake_reader, select.POLLIN)
-    doorbells.poll(CHECK_EVERY * 1000)
+    doorbells.poll(max(timeout, 0) * 1000)
     # The table is the truth: however many rings arrived, one read follows.
     conn.poll()
+    rang = len(conn.notifies) > 0
     conn.notifies.clear()
     empty_the_pipe()
+    return rang
+
+
+def ring_own_doorbell(conn):
+    """NOTIFY as any writer would, from the reading connection; note how full the queue is."""
+    global queue_usage
+    # Every commit that notifies appends to one queue, 8 GB at most, which each listening
+    # session must read to the end: when it is full, every notifying commit in the database
+    # fails. pg_notification_queue_usage() says how full it is, from 0 to 1.
+    rows = in_transaction(
+        conn, "SELECT pg_notify(%s, ''), pg_notification_queue_usage() AS usage", (CHANNEL,)
+    )
+    queue_usage = rows[0].usage
+
+
+def hear_and_read(conn, reader):
+    """Read the table at every ring, and ring it ourselves every CHECK_EVERY; return if unheard."""
+    global listener_trouble, rang_at
+    # The check: ring our own doorbell through the app's database (a pooler, maybe), and expect
+    # to hear a ring within DB_TIMEOUT. A LISTEN that hears nothing (through a pooler in
+    # transaction mode, on a standby, on a silently dropped connection) is found out so, and the
+    # read after the ring means a missed NOTIFY is read at most CHECK_EVERY seconds late.
+    rang_at = None
+    check_at = 0  # when to ring next: at once, then every CHECK_EVERY seconds
+    while True:
+        # The first read comes right after LISTEN: a change committed in between is
+        # read now, or rings the doorbell later.
+        found = read_changes(reader)
+        if not found:
+            ping_quiet_streams()
+        now = time.monotonic()
+        if rang_at is not None and now >= rang_at + DB_TIMEOUT:
+            # Unheard. A dead connection fails this within DB_TIMEOUT (and listen() says so);
+            # one that answers is deaf.
+            conn.cursor().execute("SELECT 1")
+            return
+        if rang_at is None and now >= check_at:
+            ring_own_doorbell(reader)
+            rang_at = now
+            check_at = now + int(CHECK_EVERY)
+        wait_until = check_at
+        if rang_at is not None:
+            wait_until = rang_at + DB_TIMEOUT
+        if wait_for_doorbell(conn, wait_until - time.monotonic()):
+            # Any ring will do: this LISTEN hears.
+            rang_at = None
+            if listener_trouble and listener_trouble != NOT_YET:
+                logging.info("listener hears its doorbell again (%s)", where(listen_url()))
+            listener_trouble = ""
+
+
+def is_standby(conn):
+    """Whether conn reached a standby, where LISTEN fails, or would hear nothing."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_is_in_recovery() AS standby")
+        return cur.fetchone().standby
 
 
 def listen():
     """Forever: connect, LISTEN, read what changed, wait for the doorbell, read again."""
-    global listening
+    global listener_trouble
     delay = 0.5
     while True:
+        url = listen_url()
         try:
-            with contextlib.closing(connect()) as conn:
+            with contextlib.closing(connect(url)) as conn:
                 # Autocommit: LISTEN acts at once, and no transaction stays open while we wait.
                 conn.autocommit = True
-                conn.cursor().execute(f"LISTEN {CHANNEL}")
-                while True:
-                    # The first read comes right after LISTEN: a change committed in between is
-                    # read now, or rings the doorbell later.
-                    found = read_changes(conn)
-                    listening = True
-                    delay = 0.5
-                    if not found:
-                        ping_quiet_streams()
-                    wait_for_doorbell(conn)
+                # After a failover, stale DNS may still name the old primary, now a standby.
+                if is_standby(conn):
+                    trouble = f"connected to a standby; LISTEN needs the primary ({where(url)})"
+                else:
+                    conn.cursor().execute(f"LISTEN {CHANNEL}")
+                    # Reads go through another connection: on this one they would queue
+                    # behind a flood of notifications (anyone may send them).
+                    with contextlib.closing(connect(database_url)) as reader:
+                        hear_and_read(conn, reader)
+                    trouble = (
+                        f"heard nothing of its own NOTIFY within {DB_TIMEOUT}s ({where(url)}):"
+                        " LISTEN needs a session of its own, not a pooler in transaction mode;"
+                        " point LISTEN_DATABASE_URL at the primary or at PgBouncer in session"
+                        " mode (until then, changes arrive seconds late)"
+                    )
         except Exception as e:
             # The outermost loop: log it, back off (0.5s, doubling up to 8s), reconnect, catch up.
-            listening = False
-            reason = first_line(e)
-            logging.warning("listener lost the database (%s); reconnecting in %.1fs", reason, delay)
-            ping_quiet_streams()
-            gevent.sleep(delay)
-            delay = min(delay * 2, 8)
+            trouble = f"lost the database ({without_password(first_line(e), url)})"
+        if not listener_trouble:
+            # It was hearing its doorbell until now: back off from the start.
+            delay = 0.5
+        # One line for each lost connection; one for a standby or a deaf LISTEN until it ends.
+        if trouble != listener_trouble or trouble.startswith("lost"):
+            logging.warning("listener %s; reconnecting in %.1fs", trouble, delay)
+        listener_trouble = trouble
+        ping_quiet_streams()
+        gevent.sleep(delay)
+        delay = min(delay * 2, 8)
 
 
 # ---- fan-out ---------------------------------------------------------------------------------
@@ -777,12 +874,28 @@ def memory_can_serve(cursor):
 
 @app.get("/healthz")
 def healthz():
-    """200 while the listener is connected, else 503; with WORKERS, of the worker that answers."""
-    if not listening:
-        abort(503, "not listening to the database")
-    return json.dumps(
-        {"ok": True, "version": latest_version, "clients": open_streams, "worker": worker}
-    )
+    """What an operator needs to know, as JSON: 200 while the listener hears and reads, else 503."""
+    # With WORKERS, it speaks for the worker that answers ("worker").
+    since_read = time.monotonic() - last_read_at
+    trouble = listener_trouble
+    # It reads at least every CHECK_EVERY seconds: a listener that stopped must not look healthy.
+    if not trouble and since_read > int(CHECK_EVERY) + 2 * DB_TIMEOUT:
+        trouble = f"has not read the table for {since_read:.0f}s"
+    # A LISTEN that has stopped hearing, before the listener has found out why.
+    if not trouble and rang_at is not None and time.monotonic() - rang_at > DB_TIMEOUT:
+        trouble = f"has not heard its own NOTIFY for {time.monotonic() - rang_at:.0f}s"
+    health = {
+        "ok": not trouble,
+        "version": latest_version,
+        "clients": open_streams,
+        "worker": worker,
+        "seconds_since_read": round(since_read, 1),
+        "notify_queue_usage": queue_usage,
+    }
+    if trouble:
+        response.status = 503
+        health["error"] = f"listener {trouble}"
+    return json.dumps(health)
 
 
 # ---- main ------------------------------------------------------------------------------------
@@ -794,6 +907,15 @@ def main():
         sys.exit(f"error: PORT must be a number from 1 to 65535, not {PORT!r}")
     if not re.fullmatch("[0-9]{1,3}", WORKERS) or not 1 <= int(WORKERS) <= MAX_WORKERS:
         sys.exit(f"error: WORKERS must be a number from 1 to {MAX_WORKERS}, not {WORKERS!r}")
+    if not re.fullmatch("[1-9][0-9]{0,4}", CHECK_EVERY):
+        sys.exit(
+            f"error: CHECK_EVERY must be a whole number of seconds, at least 1, not {CHECK_EVERY!r}"
+        )
+    try:
+        psycopg2.extensions.parse_dsn(LISTEN_DATABASE_URL)
+    except psycopg2.ProgrammingError:
+        # libpq's own message would quote the string, password included.
+        sys.exit("error: LISTEN_DATABASE_URL is not a valid connection string")
     # Applies to accepted client sockets, not to libpq's.
     gevent.socket.setdefaulttimeout(CLIENT_TIMEOUT)
     # A big backlog: thousands of browsers reconnect at once after a restart.
@@ -1258,7 +1380,7 @@ def say_what_stopped(what):
 # after the fork, exactly as a single process does, and a browser can resume on any of them:
 # its cursor is a version, which every worker reads from the same table. Skip it on a first
 # reading.
-MAX_WORKERS = 256  # each worker holds one more LISTEN connection and POOL_SIZE more
+MAX_WORKERS = 256  # each worker holds POOL_SIZE + 2 database connections (pool, LISTEN, read)
 worker = 1  # be_worker: which worker this process is, from 1 to WORKERS (/healthz says it)
 workers = {}  # start_worker: process id -> worker number, for each worker running
 ended = gevent.queue.Queue()  # worker_ended: (process id, wait status) of each worker that ended
@@ -1369,9 +1491,9 @@ def start_worker_state():
     # A worker started again begins, like any new process, at the newest version; without the
     # database, at the supervisor's, and its listener reads what came since once it is back.
     try:
-        with contextlib.closing(connect()) as conn, conn, conn.cursor() as cur:
-            cur.execute("SELECT coalesce(max(version), 0) AS version FROM newsletters")
-            latest_version = cur.fetchone().version
+        with contextlib.closing(connect(database_url)) as conn:
+            sql = "SELECT coalesce(max(version), 0) AS version FROM live_rows()"
+            latest_version = in_transaction(conn, sql)[0].version
             log_start = latest_version
     except psycopg2.Error as e:
         logging.warning("cannot read the newest version (%s); the listener will", first_line(e))

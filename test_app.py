@@ -54,7 +54,7 @@ def app_setting(name):
     return int(found.group(1))
 
 
-POOL_SIZE = app_setting("POOL_SIZE")  # the app's request connections; its listener holds one more
+POOL_SIZE = app_setting("POOL_SIZE")  # the app's request connections; its listener holds two more
 
 
 def stop_like_ctrl_c(signum, frame):
@@ -1224,12 +1224,12 @@ def test_an_unreachable_database_at_start_gives_one_clear_line_and_exit_status_1
     assert "docker compose up" in lines[0]
 
 
-def test_200_streams_hold_at_most_pool_plus_one_database_connections(empty_database):
+def test_200_streams_hold_at_most_pool_plus_two_database_connections(empty_database):
     with running_app(empty_database, PGAPPNAME="newsletter-200") as app:
         socks = raw_streams(app, 200)
         try:
             assert open_streams(app) == 200
-            assert 1 <= app_connections("newsletter-200") <= POOL_SIZE + 1
+            assert 1 <= app_connections("newsletter-200") <= POOL_SIZE + 2
         finally:
             for s in socks:
                 s.close()
@@ -1494,7 +1494,7 @@ def test_with_two_workers_a_write_is_in_the_catch_up_of_the_next_stream_whicheve
 def test_with_two_workers_the_database_holds_pool_plus_one_connections_per_worker(database):
     settings = {"WORKERS": "2", "PGAPPNAME": "newsletter-workers"}
     with running_app(database.url, **settings) as app, streams_on_both_workers(app):
-        assert 2 <= app_connections("newsletter-workers") <= 2 * (POOL_SIZE + 1)
+        assert 2 <= app_connections("newsletter-workers") <= 2 * (POOL_SIZE + 2)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
@@ -1873,9 +1873,11 @@ def test_the_app_raises_its_open_files_limit_and_survives_running_out(empty_data
             assert refused == 3
             assert len(socks) < 200
             for s in socks:
-                s.close()  # the app notices at its next write to them
-            nid = insert("Still here", url=empty_database)
-            assert survivor.next()["data"]["id"] == nid
+                s.close()  # the app notices at its next writes to them
+            # a socket closed with nothing unread takes a second write to fail
+            for title in ("Still here", "And still"):
+                nid = insert(title, url=empty_database)
+                assert survivor.next()["data"]["id"] == nid
         assert app.proc.poll() is None
         assert healthy(app)
         assert publish("And writable", app=app)["title"] == "And writable"
@@ -2016,7 +2018,7 @@ def test_a_flood_of_empty_notifications_sends_no_pings_and_quiet_streams_still_g
             conn.autocommit = True
             with conn.cursor() as cur:
                 for _ in range(2000):
-                    cur.execute("NOTIFY newsletters")
+                    cur.execute("NOTIFY live_changes")
             conn.close()
             received = b""
             sock.settimeout(0.5)
@@ -2210,10 +2212,10 @@ def test_a_psql_session_holding_the_version_lock_gets_writes_a_503_and_piles_up_
         print(f"rounds took {rounds} s; app sessions seen: max {max(sessions)}")
         assert [a.status for a in answers] == [503] * 24
         assert all(isinstance(a.json["error"], str) for a in answers)
-        assert max(sessions) <= POOL_SIZE + 1, sessions
+        assert max(sessions) <= POOL_SIZE + 2, sessions
         res = request("POST", "/newsletters", {"title": "After the lock", "content": "x"}, app=app)
         assert res.status == 201, res.json
-        assert app_connections(name) <= POOL_SIZE + 1
+        assert app_connections(name) <= POOL_SIZE + 2
 
 
 def post_chunked(app, pieces):
@@ -2819,6 +2821,328 @@ def test_the_readme_recipe_makes_a_live_task_board_from_a_copy(tmp_path, empty_d
     assert done.stderr.strip().splitlines() == [done.stderr.strip()]
     assert "cannot apply schema.sql" in done.stderr
     assert "tasks_json" in done.stderr
+
+
+# ---- where PostgreSQL really runs: a pooler, a standby, a flood --------------------------------
+def pgbouncer_program():
+    """Debian's pgbouncer (apt-get install pgbouncer), which lives in sbin; None without one."""
+    sbin = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
+    return shutil.which("pgbouncer", path=sbin)
+
+
+@contextlib.contextmanager
+def pgbouncer(url, pool_mode="transaction"):
+    """A real PgBouncer in front of the server at url, in pool_mode, otherwise as installed.
+
+    Yields url's connection string through PgBouncer (any database name passes through).
+    """
+    program = pgbouncer_program()
+    if program is None:
+        pytest.skip("needs PgBouncer: apt-get install pgbouncer")
+    server = psycopg2.extensions.parse_dsn(url)
+    # it refuses to run as root: the same user as the suite's PostgreSQL
+    owner = server_owner(postgres_bindir())
+    tmp = tempfile.mkdtemp(prefix="newsletter-pgbouncer-")
+    port = free_port()
+    ini = os.path.join(tmp, "pgbouncer.ini")
+    log = os.path.join(tmp, "log")
+    with open(os.path.join(tmp, "users.txt"), "w") as f:
+        f.write('"postgres" ""\n')
+    with open(ini, "w") as f:
+        f.write(
+            "[databases]\n"
+            f"* = host={server.get('host', '127.0.0.1')} port={server.get('port', '5432')}\n"
+            "[pgbouncer]\n"
+            f"listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
+            f"auth_type = trust\nauth_file = {tmp}/users.txt\npool_mode = {pool_mode}\n"
+            f"logfile = {log}\n"
+        )
+    proc = None
+    try:
+        if owner:
+            os.chown(tmp, owner["user"], owner["group"])
+        proc = subprocess.Popen(
+            [program, ini], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **owner
+        )
+        pooled = psycopg2.extensions.make_dsn(url, host="127.0.0.1", port=port)
+
+        def answers():
+            assert proc.poll() is None, f"pgbouncer exited: {last_lines(log)}"
+            with contextlib.suppress(psycopg2.OperationalError):
+                psql("SELECT 1", url=pooled)
+                return True
+            return False
+
+        eventually(answers, message="PgBouncer did not answer")
+        yield pooled
+    finally:
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(WAIT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def commit_times(changes, every, url):
+    """Insert `changes` newsletters, one every `every` seconds, as psql would; {id: when sent}."""
+    committed = {}
+    for i in range(changes):
+        started = time.monotonic()
+        committed[insert(f"Change {i}", url=url)] = started
+        time.sleep(max(0.0, every - (time.monotonic() - started)))
+    return committed
+
+
+@contextlib.contextmanager
+def notify_flood(url, sessions=2):
+    """Sessions that send notifications on the app's channel, 10,000 a statement, until the end."""
+    flooding = threading.Event()
+    flooding.set()
+    sent = []
+
+    def flood():
+        conn = psycopg2.connect(url)
+        conn.autocommit = True
+        try:
+            with conn.cursor() as cur:
+                while flooding.is_set():
+                    sent.append(10_000)
+                    cur.execute(
+                        "SELECT count(pg_notify('live_changes', g::text))"
+                        " FROM generate_series(1, 10000) g"
+                    )
+        finally:
+            conn.close()
+
+    floods = [threading.Thread(target=flood, daemon=True) for _ in range(sessions)]
+    for t in floods:
+        t.start()
+    try:
+        yield sent
+    finally:
+        flooding.clear()
+        for t in floods:
+            t.join(WAIT)
+
+
+def test_behind_pgbouncer_in_transaction_mode_the_whole_promise_holds(empty_database):
+    with pgbouncer(empty_database) as pooled:
+        # only the listener's connection goes around the pooler; CHECK_EVERY is long, so a
+        # change that arrives within seconds was rung in, not found by the periodic check
+        direct = {"LISTEN_DATABASE_URL": empty_database, "CHECK_EVERY": "60"}
+        with running_app(pooled, **direct) as app:
+            assert "error" not in output(app)
+            with listen(app) as stream:
+                stream.ready()
+                for i in range(5):
+                    committed = time.monotonic()
+                    nid = insert(f"Through the pooler {i}", url=pooled)
+                    assert stream.next()["data"]["id"] == nid
+                    took = time.monotonic() - committed
+                    print(f"delivered {took * 1000:.0f} ms after commit")
+                    assert took < 5
+                # conditional writes
+                row = publish("Edited twice", app=app)
+                body = {"title": "First", "content": "x"}
+                match = {"If-Match": f'"{row["version"]}"'}
+                first = request("PUT", f"/newsletters/{row['id']}", body, match, app=app)
+                assert first.status == 200
+                late = request("PUT", f"/newsletters/{row['id']}", body, match, app=app)
+                assert late.status == 412
+                assert late.json["current"]["version"] == first.json["version"]
+                # read your writes: a stream opened right after a write has it before ready
+                written = publish("Read your writes", app=app)
+                fresh = Stream(app, since=row["version"])
+                try:
+                    caught, _ = fresh.ready()
+                    assert written["id"] in [r["id"] for r in caught]
+                finally:
+                    fresh.close()
+            # a psql session that holds the version lock: the app's writes get a 503 in time
+            holder = psycopg2.connect(empty_database)
+            try:
+                with holder.cursor() as cur:  # BEGIN; INSERT ...; and wait
+                    cur.execute("INSERT INTO newsletters (title, content) VALUES ('Held', 'x')")
+                started = time.monotonic()
+                res = request("POST", "/newsletters", {"title": "Waits", "content": "x"}, app=app)
+                assert res.status == 503, res.json
+                assert "busy" in res.json["error"]
+                assert time.monotonic() - started < 10
+            finally:
+                holder.rollback()
+                holder.close()
+            assert publish("After the lock", app=app)["title"] == "After the lock"
+            assert request("GET", "/healthz", app=app).status == 200
+
+
+def test_a_listener_behind_a_transaction_pooler_is_named_in_one_line_and_by_healthz(
+    empty_database,
+):
+    with pgbouncer(empty_database) as pooled:
+        started = time.monotonic()
+        with running_app(pooled, wait=False) as app:
+            said = eventually(
+                lambda: "LISTEN_DATABASE_URL" in output(app),
+                message="the app never named LISTEN_DATABASE_URL",
+            )
+            assert said and time.monotonic() - started < app_setting("DB_TIMEOUT") + 15
+            health = request("GET", "/healthz", app=app)
+            assert health.status == 503
+            assert "LISTEN_DATABASE_URL" in health.json["error"]
+            # it goes on serving, with changes found by its reads; and says it only once
+            with listen(app) as stream:
+                stream.ready()
+                row = publish("Late but there", app=app)
+                assert stream.next()["data"]["id"] == row["id"]
+            time.sleep(5)
+            assert output(app).count("LISTEN_DATABASE_URL") == 1, output(app)
+            assert "Traceback" not in output(app)
+
+
+@contextlib.contextmanager
+def standby_of(pg):
+    """A real standby of the suite's PostgreSQL (pg_basebackup -R), on a port of its own."""
+    bindir = postgres_bindir()
+    # beside the real initdb, of the same version as the server (PATH may hold a link to it)
+    real_bindir = os.path.dirname(os.path.realpath(os.path.join(bindir, "initdb")))
+    basebackup = os.path.join(real_bindir, "pg_basebackup")
+    if not is_program(basebackup):
+        pytest.skip("needs pg_basebackup beside initdb")
+    owner = server_owner(bindir)
+    tmp = tempfile.mkdtemp(prefix="newsletter-standby-")
+    port = free_port()
+    data = os.path.join(tmp, "data")
+    log = os.path.join(tmp, "log")
+    options = f"-p {port} -k {tmp} -c listen_addresses=127.0.0.1 -c max_connections=300"
+
+    def ctl(*args):
+        """pg_ctl on the standby."""
+        pg_ctl = os.path.join(bindir, "pg_ctl")
+        run([pg_ctl, "-D", data, "-o", options, "-l", log, "-w", *args], **owner)
+
+    standby = SimpleNamespace(port=port, ctl=ctl)
+    try:
+        if owner:
+            os.chown(tmp, owner["user"], owner["group"])
+        source = ["-h", "127.0.0.1", "-p", str(pg.port), "-U", "postgres"]
+        run([basebackup, "-D", data, "-R", "-c", "fast", *source], **owner)
+        ctl("start")
+        yield standby
+    finally:
+        with contextlib.suppress(RuntimeError):
+            ctl("-m", "immediate", "stop")
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+ON_A_STANDBY = "connected to a standby; LISTEN needs the primary"
+
+
+def test_a_listener_on_a_standby_says_so_once_healthz_is_503_and_a_promotion_ends_it(
+    database, empty_database
+):
+    if TEST_DATABASE_URL:
+        pytest.skip("makes a standby of the suite's own PostgreSQL, not of TEST_DATABASE_URL")
+    # the table exists on the primary before the standby is copied from it
+    with running_app(empty_database) as app:
+        publish("Before the copy", app=app)
+    with standby_of(database) as standby:
+        on_standby = psycopg2.extensions.make_dsn(empty_database, port=standby.port)
+        # the listener alone on the standby (stale DNS after a failover), then the whole app
+        for app_url, listen_url in [(empty_database, on_standby), (on_standby, None)]:
+            with running_app(app_url, wait=False, LISTEN_DATABASE_URL=listen_url) as app:
+                eventually(
+                    lambda: ON_A_STANDBY in output(app),
+                    message="the app never said it was on a standby",
+                )
+                assert request("GET", "/healthz", app=app).status == 503
+                # it keeps trying, with its backoff, and says so once
+                time.sleep(4)
+                assert output(app).count(ON_A_STANDBY) == 1, output(app)
+                error = request("GET", "/healthz", app=app).json["error"]
+                assert f":{standby.port}/" in error  # where it is
+                assert request("GET", "/newsletters", app=app).status == 200
+                assert app.proc.poll() is None and "Traceback" not in output(app)
+                if listen_url:
+                    continue
+                # the failover ends: the standby becomes the primary, and the listener finds it
+                standby.ctl("promote")
+                wait_until_healthy(app, timeout=30)
+                assert "hears its doorbell again" in output(app)
+                with listen(app) as stream:
+                    stream.ready()
+                    row = publish("On the new primary", app=app)
+                    assert stream.next()["data"]["id"] == row["id"]
+
+
+def test_healthz_says_how_long_since_the_last_read_and_how_full_the_notify_queue_is(app):
+    health = request("GET", "/healthz").json
+    assert health["ok"] is True and "error" not in health
+    assert 0 <= health["seconds_since_read"] <= app_setting("DB_TIMEOUT") + 15
+    assert 0 <= health["notify_queue_usage"] < 0.5
+    assert health["version"] == newest_version()
+    assert health["clients"] >= 0
+
+
+def test_healthz_is_503_while_the_listener_is_cut_off_and_200_once_it_is_back(database):
+    server = psycopg2.extensions.parse_dsn(DSN)
+    hole = Blackhole(int(server.get("port", 5432)))
+    try:
+        through_hole = psycopg2.extensions.make_dsn(DSN, host="127.0.0.1", port=hole.port)
+        with running_app(DSN, LISTEN_DATABASE_URL=through_hole, CHECK_EVERY="2") as app:
+            hole.go_silent()
+            eventually(
+                lambda: request("GET", "/healthz", app=app).status == 503,
+                message="/healthz said 200 while the listener was cut off",
+                every=0.2,
+            )
+            cut_off = request("GET", "/healthz", app=app).json
+            assert "NOTIFY" in cut_off["error"] or "lost the database" in cut_off["error"]
+            wait_until_healthy(app, timeout=30)
+            assert "listener lost the database" in output(app)
+    finally:
+        hole.close()
+
+
+def test_a_notify_flood_from_a_role_with_no_rights_delays_no_change_and_costs_little_memory(
+    empty_database,
+):
+    role = f"flooder_{os.getpid()}"
+    psql(f"CREATE ROLE {role} LOGIN")  # it may connect, and nothing else
+    flooder = psycopg2.extensions.make_dsn(empty_database, user=role)
+    changes = 100  # one every 0.1 s: the flood lasts 10 s
+    try:
+        with running_app(empty_database) as app, listen(app) as stream:
+            stream.ready()
+            before = rss_kb(app)
+            received = {}
+
+            def read():
+                for _ in range(changes):
+                    nid = stream.next()["data"]["id"]
+                    received[nid] = time.monotonic()
+
+            reader = threading.Thread(target=read, daemon=True)
+            reader.start()
+            with peak_rss(app) as peak, notify_flood(flooder) as sent:
+                committed = commit_times(changes, 0.1, url=empty_database)
+            reader.join(WAIT)
+            delays = sorted(received.get(nid, at + 99) - at for nid, at in committed.items())
+            late = [delay for delay in delays if delay > 3]
+            p50, p99 = delays[changes // 2], delays[changes * 99 // 100]
+            print(
+                f"{len(received)}/{changes} delivered in the flood, p50 {p50 * 1000:.0f} ms,"
+                f" p99 {p99 * 1000:.0f} ms; the app grew by {(peak.kb - before) // 1000} MB;"
+                f" {sum(sent):,} notifications sent"
+            )
+            assert sorted(received) == sorted(committed)  # every change, in the end
+            assert len(late) <= changes // 20  # nearly all of them within a few seconds
+            assert peak.kb - before < 300 * MB / 1000
+            assert request("GET", "/healthz", app=app).status == 200
+    finally:
+        psql(f"DROP ROLE {role}")
 
 
 # ---- the page, in a real browser --------------------------------------------------------------
