@@ -34,6 +34,7 @@ import contextlib
 import gc
 import hmac
 import importlib.util
+import io
 import json
 import logging
 import os
@@ -58,7 +59,7 @@ import psycopg2.errors
 import psycopg2.extensions
 import psycopg2.extras
 from bottle import abort, request, response
-from gevent.pywsgi import WSGIHandler, WSGIServer
+from gevent.pywsgi import MAX_REQUEST_LINE, WSGIHandler, WSGIServer
 from psycopg2.extensions import POLL_OK, POLL_READ, POLL_WRITE
 
 # ---- configuration ---------------------------------------------------------------------------
@@ -81,8 +82,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))  # schema.sql, index.html and 
 # Bounds for slow or hostile clients (see the hardening sections at the end).
 WRITE_TOKEN = os.environ.get("WRITE_TOKEN", "")  # set: writes need "Authorization: Bearer <it>"
 ALLOWED_HOSTS = os.environ.get("ALLOWED_HOSTS", "")  # more Host names to answer, comma-separated
-CLIENT_TIMEOUT = 30  # seconds a client may take to accept a write or send a body
+CLIENT_TIMEOUT = 30  # seconds a client may take to accept a write, or to send a body in all
 HEAD_TIMEOUT = 10  # seconds a client may take to send a request line and headers, in all
+MAX_HEAD = 16_384  # bytes of request line and headers, in all (431 beyond)
 MAX_BODY = 1_150_000  # bytes of request body: room for 1 MiB of content (schema.sql) and JSON
 
 
@@ -574,7 +576,6 @@ bottle.BaseResponse.default_content_type = "application/json"
 
 def error_as_json(res):
     """Errors in our own words, as JSON: tracebacks go to the log only."""
-    leave_the_body_unread()
     return json.dumps({"error": res.body})
 
 
@@ -725,6 +726,8 @@ def events():
     # Each write goes out at once: a small frame must not wait for the client to acknowledge the
     # one before it (Nagle's algorithm).
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    # A stream may live for hours: what it holds meanwhile is bounded (hardening section).
+    keep_a_stream_small(sock)
     return stream_changes(sock, cursor, reset, chunked)
 
 
@@ -842,16 +845,20 @@ def check_request():
 
 
 def read_json_body():
-    """The request body, parsed as JSON: at most MAX_BODY bytes, within CLIENT_TIMEOUT."""
+    """The request body, parsed as JSON: at most MAX_BODY bytes, within CLIENT_TIMEOUT in all."""
     # A form or a no-cors fetch from another site cannot send this type without asking first.
     if request.content_type.split(";")[0].strip().lower() != "application/json":
         abort(415, "the body must be JSON, sent with Content-Type: application/json")
     if request.content_length > MAX_BODY:
         abort(413, "the request body is too large")
     # Read the WSGI input ourselves: pywsgi has already undone a chunked encoding, and Bottle's
-    # own reader would try to undo it again. Never more than MAX_BODY + 1 bytes.
+    # own reader would try to undo it again. Never more than MAX_BODY + 1 bytes, and one
+    # deadline for the whole body: the socket's timeout applies to each read, and a client that
+    # sends a byte every few seconds would otherwise hold its connection for days.
+    too_slow = TimeoutError(f"the body took more than {CLIENT_TIMEOUT}s")
     try:
-        body = request.environ["wsgi.input"].read(MAX_BODY + 1)
+        with gevent.Timeout(CLIENT_TIMEOUT, too_slow):
+            body = request.environ["wsgi.input"].read(MAX_BODY + 1)
     except (OSError, ValueError):
         # The body did not arrive within CLIENT_TIMEOUT, or its chunks were malformed.
         abort(400, "the body did not arrive complete")
@@ -865,11 +872,12 @@ def read_json_body():
         abort(400, 'the body must be complete JSON: {"title": "...", "content": "..."}')
 
 
+@app.hook("after_request")
 def leave_the_body_unread():
-    """After refusing a request, read no more of its body: the connection then closes."""
-    # pywsgi would otherwise read (and throw away) the rest of the body, however long, to keep
-    # the connection open for another request. Tell its reader the body is over; the handler
-    # then closes the connection, gently (see Handler.close_gently).
+    """After any answer, read no more of a body the app has not read: the connection closes."""
+    # pywsgi would otherwise read (and throw away) the rest of the body, however long and
+    # however slowly it comes, to keep the connection open for another request. Tell its reader
+    # the body is over; the handler then closes the connection, gently (Handler.close_gently).
     has_body = request.content_length > 0 or "HTTP_TRANSFER_ENCODING" in request.environ
     if has_body and not request.environ.get("newsletter.body_read"):
         body = request.environ["wsgi.input"]
@@ -915,15 +923,82 @@ def log_rarely(kind, message, *args):
         logging.warning(message, *args)
 
 
-BAD_REQUEST_BODY = b'{"error": "the request line or headers are malformed, or came too slowly"}'
-BAD_REQUEST = (
-    b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Type: application/json\r\n"
-    b"Content-Length: %d\r\n\r\n%s" % (len(BAD_REQUEST_BODY), BAD_REQUEST_BODY)
+def fixed_answer(status, message):
+    """A whole HTTP answer with a JSON error, which the Handler sends before it closes."""
+    body = json.dumps({"error": message}).encode()
+    head = (
+        f"HTTP/1.1 {status}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nX-Content-Type-Options: nosniff\r\n"
+        "Referrer-Policy: no-referrer\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+BAD_REQUEST = fixed_answer(
+    "400 Bad Request", "the request line or headers are malformed, or came too slowly"
+)
+URI_TOO_LONG = fixed_answer(
+    "414 URI Too Long", f"the request line must be shorter than {MAX_REQUEST_LINE} bytes"
 )
 
 
+class Refused(Exception):
+    """A request refused before the app sees it: the status to answer, and why."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+def read_head(rfile, limit):
+    """A request's header lines, up to the blank line that ends them: at most limit bytes."""
+    lines = []
+    size = 0
+    while True:
+        line = rfile.readline(limit - size + 1)
+        size += len(line)
+        if size > limit:
+            raise Refused(
+                "431 Request Header Fields Too Large",
+                f"the request line and headers must be at most {MAX_HEAD} bytes in all",
+            )
+        lines.append(line)
+        if line in (b"\r\n", b"\n", b""):
+            return b"".join(lines)
+
+
+def check_framing(headers):
+    """Refuse a body whose end two readers could find in different places."""
+    # pywsgi reads the first Content-Length, takes "+30" for 30, and reads a body sent with
+    # "Transfer-Encoding: gzip, chunked" as empty. A proxy in front may read them otherwise:
+    # the rest of the body then passes for a request of its own ("request smuggling"), and
+    # answers go to the wrong clients. So exactly one framing, in its one plain form.
+    encodings = headers.get_all("Transfer-Encoding", [])
+    lengths = headers.get_all("Content-Length", [])
+    ambiguous = Refused(
+        "400 Bad Request",
+        "a body's length must be given once: one Content-Length, or Transfer-Encoding: chunked",
+    )
+    if len(encodings) + len(lengths) > 1:
+        raise ambiguous
+    if encodings and encodings[0].strip().lower() != "chunked":
+        raise ambiguous
+    if lengths and not re.fullmatch("[0-9]{1,18}", lengths[0].strip()):
+        raise ambiguous
+
+
+def keep_a_stream_small(sock):
+    """Bound what a stream holds for its whole life: its request's headers."""
+    # A stream reads no body; and its headers (up to MAX_HEAD bytes) have been read: the
+    # environ would otherwise keep them as long as the stream lives.
+    leave_the_body_unread()
+    for name in list(request.environ):
+        if name.startswith("HTTP_"):
+            del request.environ[name]
+
+
 class Handler(WSGIHandler):
-    """pywsgi's handler, with a deadline for request heads and the socket lent to streams."""
+    """pywsgi's handler: request heads bounded and checked, the socket lent to streams."""
 
     def __init__(self, sock, *args):
         super().__init__(sock, *args)
@@ -942,13 +1017,28 @@ class Handler(WSGIHandler):
     def read_request(self, raw_requestline):
         remaining = max(self.head_deadline - time.monotonic(), 0.001)
         with gevent.Timeout(remaining, TimeoutError("the request headers took too long")):
-            return super().read_request(raw_requestline)
+            super().read_request(raw_requestline)
+        # pywsgi hands the app of an upgrade (a WebSocket) the raw socket as its body, for the
+        # app to serve the new protocol. This app serves none: refuse before it sees one.
+        if self._connection_upgrade_requested():
+            raise Refused("400 Bad Request", "this server upgrades no connection (no WebSocket)")
+        return True
+
+    def MessageClass(self, rfile, *args):
+        # pywsgi parses the headers through this. Read them first, within MAX_HEAD bytes with
+        # the request line: it would take 100 headers of 64 KB each.
+        head = read_head(rfile, MAX_HEAD - len(self.requestline))
+        headers = super().MessageClass(io.BytesIO(head), *args)
+        check_framing(headers)
+        return headers
 
     def handle_one_request(self):
         result = super().handle_one_request()
         if isinstance(result, tuple):
             # pywsgi's answer to a malformed request, which it would send and then close on.
             status, answer = result
+            if status == "414":
+                answer = URI_TOO_LONG
             with contextlib.suppress(OSError):
                 self.socket.sendall(answer)
             self.close_gently()
@@ -979,6 +1069,9 @@ class Handler(WSGIHandler):
     def _handle_client_error(self, error):
         # pywsgi's hook for a malformed request (or one too slow): one line, not a traceback.
         client = self.client_address[0]
+        if isinstance(error, Refused):
+            log_rarely(str(error), "refused a request from %s: %s", client, error)
+            return error.status, fixed_answer(error.status, str(error))
         log_rarely(type(error).__name__, "bad request from %s: %s", client, first_line(error))
         return "400", BAD_REQUEST
 

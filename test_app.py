@@ -2298,6 +2298,122 @@ def test_a_flood_of_slow_and_oversized_request_heads_logs_a_few_lines_and_no_tra
         assert len(log) <= 4  # one line a second of each kind, at most
 
 
+def test_a_request_head_over_16_kb_gets_431_and_a_stream_keeps_none_of_its_headers(database):
+    with running_app(database.url) as app:
+        big_headers = b"".join(b"X-Big-%d: %s\r\n" % (i, b"y" * 8000) for i in range(3))
+        answer = answer_to(app, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n%s\r\n" % big_headers)
+        assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+        assert "16384 bytes" in json_error(answer)
+        # pywsgi alone would take 100 headers of 64 KB; it is refused long before its end
+        huge = b"GET /events HTTP/1.1\r\n" + b"X-Huge: %s\r\n" % (b"z" * 65_000) * 95 + b"\r\n"
+        with socket.create_connection(("127.0.0.1", app.port), timeout=WAIT) as s:
+            with contextlib.suppress(OSError):  # reset once the app stops reading
+                s.sendall(huge)
+            assert read_to_the_end(s).startswith(b"HTTP/1.1 431 ")
+        # under the limit: a stream opens, and keeps none of its 15 KB of headers
+        below = b"".join(b"X-Below-%d: %s\r\n" % (i, b"w" * 5000) for i in range(3))
+        head = b"GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\n%s\r\n" % below
+        socks = raw_streams(app, 50)  # the heap's first growth, before measuring
+        before = rss_kb(app)
+        try:
+            for _ in range(400):
+                s = socket.create_connection(("127.0.0.1", app.port), timeout=WAIT)
+                s.sendall(head)
+                socks.append(s)
+                time.sleep(0.005)  # one at a time: each head is read and dropped before the next
+            eventually(lambda: clients(app) >= 450, message="the streams never all opened")
+            grown = rss_kb(app) - before
+        finally:
+            for s in socks:
+                s.close()
+    print(f"a stream with 15 KB of headers costs the app {grown / 400:.1f} KB")
+    assert grown < 400 * 28  # a stream costs about 20 KB: with its headers, 35 KB
+
+
+def test_a_websocket_upgrade_gets_a_400_json_error_and_at_most_a_log_line_a_second(database):
+    with running_app(database.url) as app:
+        logged = len(output(app).splitlines())
+        upgrade = (
+            b"GET /events HTTP/1.1\r\nHost: evil.example\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 5\r\n\r\nhello"
+        )
+        for _ in range(20):
+            answer = answer_to(app, upgrade)  # ...which returns once the app closes
+            assert answer.startswith(b"HTTP/1.1 400 "), answer[:300]
+            assert "WebSocket" in json_error(answer)
+        log = output(app).splitlines()[logged:]
+        print(f"20 upgrades: {len(log)} lines logged: {log}")
+        assert not any("Traceback" in line for line in log)
+        assert len(log) <= 2
+        assert healthy(app)
+
+
+FRAMINGS = [
+    ("not only chunked", b"Transfer-Encoding: gzip, chunked\r\n"),
+    ("chunked twice", b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n"),
+    ("two lengths", b"Content-Length: 0\r\nContent-Length: %d\r\n"),
+    ("a plus sign", b"Content-Length: +%d\r\n"),
+    ("length and chunked", b"Content-Length: %d\r\nTransfer-Encoding: chunked\r\n"),
+]
+
+
+@pytest.mark.parametrize("framing", [f for _, f in FRAMINGS], ids=[what for what, _ in FRAMINGS])
+def test_a_body_framed_ambiguously_gets_400_and_the_connection_closes(app, framing):
+    hidden = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"  # what a proxy may take for a body
+    if b"%d" in framing:
+        framing = framing % len(hidden)
+    head = b"GET /newsletters HTTP/1.1\r\nHost: 127.0.0.1\r\n%s\r\n" % framing
+    answer = answer_to(app, head + hidden)
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:300]
+    assert answer.count(b"HTTP/1.1 ") == 1, answer  # one answer, then closed
+    assert "Content-Length" in json_error(answer)
+
+
+def test_a_body_that_trickles_in_a_byte_at_a_time_is_cut_off_within_client_timeout(app):
+    timeout = app_setting("CLIENT_TIMEOUT")
+    before = table_state()
+    results = []
+
+    def trickle(head):
+        """Send head, then a byte of body every 3 s: the seconds until closed, and the answer."""
+        started = time.time()
+        answer = b""
+        with socket.create_connection(("127.0.0.1", app.port), timeout=3) as s:
+            s.sendall(head)
+            with contextlib.suppress(OSError):  # a reset counts as closed
+                while time.time() - started < timeout + 20:  # held: the assertion says so
+                    try:
+                        data = s.recv(65536)
+                    except TimeoutError:
+                        s.sendall(b" ")
+                        continue
+                    if not data:
+                        break
+                    answer += data
+        results.append((time.time() - started, answer))
+
+    post = (
+        b"POST /newsletters HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n{"
+    )
+    # a body the app does not read, answered at once: pywsgi would read the rest before the
+    # connection could take another request
+    get = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n\r\n"
+    trickles = [threading.Thread(target=trickle, args=(post,)) for _ in range(20)]
+    trickles += [threading.Thread(target=trickle, args=(get,)) for _ in range(5)]
+    for t in trickles:
+        t.start()
+    for t in trickles:
+        t.join()
+    print(f"25 trickled bodies were cut off after {max(seconds for seconds, _ in results):.0f} s")
+    for seconds, answer in results:
+        assert seconds < timeout + 10, "a trickling body held its connection"
+        assert answer == b"" or re.match(rb"HTTP/1.1 (400|200) ", answer), answer[:200]
+    assert table_state() == before
+    assert request("GET", "/healthz").status == 200
+
+
 # ---- the page, in a real browser --------------------------------------------------------------
 # Playwright drives the machine's Chromium (never a downloaded one); without either, these skip.
 CHROMIUM = (
