@@ -596,15 +596,19 @@ def index():
 def list_newsletters():
     """Live newsletters, newest first, a page at a time (?limit=, ?before=<id>)."""
     limit = request.query.limit or "50"
-    before = request.query.before or "999999999999999999"
+    before = request.query.before
     if not re.fullmatch("[0-9]{1,4}", limit) or int(limit) == 0:
         abort(400, "limit must be a whole number from 1 (at most 200 are sent)")
-    if not re.fullmatch("[0-9]{1,18}", before):
-        abort(400, "before must be an id")
+    # Ids are bigints: the newest one to list is below before, and at most the largest bigint.
+    newest = ANY_VERSION
+    if before:
+        if not re.fullmatch("[0-9]{1,19}", before):
+            abort(400, "before must be an id")
+        newest = min(int(before) - 1, ANY_VERSION)
     rows = query(
         "SELECT newsletter_json(n) AS json FROM newsletters AS n"
-        " WHERE NOT deleted AND id < %s ORDER BY id DESC LIMIT %s",
-        (int(before), min(int(limit), 200)),
+        " WHERE NOT deleted AND id <= %s ORDER BY id DESC LIMIT %s",
+        (newest, min(int(limit), 200)),
     )
     # A JSON array of the rows' JSON, as PostgreSQL wrote it.
     return b"[" + b", ".join(row.json for row in rows) + b"]"
@@ -626,10 +630,18 @@ def publish():
     return row.json
 
 
-# Any other id (negative, beyond bigint, not a number) matches no route: 404.
-@app.put("/newsletters/<nid:re:[0-9]{1,18}>")
+def newsletter_id(nid):
+    """The id in a path, as a number: 404 beyond the largest bigint, which no row can have."""
+    if int(nid) > ANY_VERSION:
+        abort(404, "no such newsletter")
+    return int(nid)
+
+
+# Any other id (negative, not a number) matches no route: 404.
+@app.put("/newsletters/<nid:re:[0-9]{1,19}>")
 def edit(nid):
     """New title and content for a live newsletter; with If-Match, only if nobody changed it."""
+    nid = newsletter_id(nid)
     expected = expected_version()
     title, content = read_newsletter()
     # The check and the write are one statement: of two edits from the same version, one wins.
@@ -638,27 +650,28 @@ def edit(nid):
         " WHERE id = %(id)s AND NOT deleted"
         " AND (%(expected)s::bigint IS NULL OR version = %(expected)s)"
         " RETURNING version, newsletter_json(n) AS json",
-        {"title": title, "content": content, "id": int(nid), "expected": expected},
+        {"title": title, "content": content, "id": nid, "expected": expected},
     )
     if not rows:
-        return refused_write(int(nid), expected)
+        return refused_write(nid, expected)
     response["ETag"] = f'"{rows[0].version}"'
     return rows[0].json
 
 
-@app.delete("/newsletters/<nid:re:[0-9]{1,18}>")
+@app.delete("/newsletters/<nid:re:[0-9]{1,19}>")
 def delete(nid):
     """Delete a newsletter, leaving a tombstone (as a psql DELETE does, through the trigger)."""
+    nid = newsletter_id(nid)
     expected = expected_version()
     rows = query(
         "UPDATE newsletters SET deleted = true"
         " WHERE id = %(id)s AND NOT deleted"
         " AND (%(expected)s::bigint IS NULL OR version = %(expected)s)"
         " RETURNING id",
-        {"id": int(nid), "expected": expected},
+        {"id": nid, "expected": expected},
     )
     if not rows:
-        return refused_write(int(nid), expected)
+        return refused_write(nid, expected)
     response.status = 204
 
 
@@ -679,8 +692,9 @@ def expected_version():
     # `*` asks only that the newsletter exists, as any write does.
     if given in ("", "*"):
         return None
-    found = re.fullmatch(r'"([0-9]{1,18})"', given)
-    if found is None:
+    # A version is a bigint: up to 19 digits, and no larger than the largest bigint.
+    found = re.fullmatch(r'"([0-9]{1,19})"', given)
+    if found is None or int(found.group(1)) > ANY_VERSION:
         abort(400, 'If-Match must be a version in quotes, as the ETag gives it: "42"')
     return int(found.group(1))
 

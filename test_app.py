@@ -2414,6 +2414,51 @@ def test_a_body_that_trickles_in_a_byte_at_a_time_is_cut_off_within_client_timeo
     assert request("GET", "/healthz").status == 200
 
 
+def test_versions_and_ids_beyond_10_to_the_18_work_and_beyond_bigint_get_a_4xx(empty_database):
+    with running_app(empty_database) as app:
+        psql("SELECT setval('newsletters_version', 1000000000000000000)", url=empty_database)
+        big_id = 1_000_000_000_000_000_001
+        psql(
+            "INSERT INTO newsletters (id, title, content) VALUES (%s, 'Far', 'out')",
+            big_id,
+            url=empty_database,
+        )
+        settled(app, empty_database)
+        assert [r["id"] for r in request("GET", "/newsletters", app=app).json] == [big_id]
+        res = request("GET", f"/newsletters?before={big_id + 1}", app=app)
+        assert [r["id"] for r in res.json] == [big_id]
+        assert request("GET", "/newsletters?before=9223372036854775808", app=app).status == 200
+        res = request("PUT", f"/newsletters/{big_id}", {"title": "Far", "content": "a"}, app=app)
+        assert res.status == 200, res.json
+        assert etag(res) == '"1000000000000000002"'
+        own = {"If-Match": etag(res)}
+        res = request("PUT", f"/newsletters/{big_id}", {"title": "Far", "content": "b"}, own, app)
+        assert res.status == 200, res.json
+        largest = {"If-Match": '"9223372036854775807"'}
+        res = request("PUT", f"/newsletters/{big_id}", {"title": "F", "content": "c"}, largest, app)
+        assert res.status == 412, res.json  # a version that could be, but is not the current one
+        rows = "SELECT id, version, content FROM newsletters"
+        before = psql(rows, url=empty_database)
+        for beyond in ['"9223372036854775808"', '"9999999999999999999"', '"10000000000000000000"']:
+            res = request(
+                "PUT",
+                f"/newsletters/{big_id}",
+                {"title": "F", "content": "d"},
+                {"If-Match": beyond},
+                app,
+            )
+            assert res.status == 400, (beyond, res.status, res.json)
+        for path in ["/newsletters/9223372036854775808", "/newsletters/9999999999999999999"]:
+            res = request("DELETE", path, app=app)
+            assert res.status == 404 and isinstance(res.json["error"], str), (path, res.status)
+        assert psql(rows, url=empty_database) == before
+        for cursor in ["9223372036854775807", "9223372036854775808", "9999999999999999999"]:
+            with listen(app, since=cursor) as stream:
+                events = stream.until(is_ready)
+            assert events[0]["event"] == "reset", cursor
+            assert [e["data"]["id"] for e in events[1:-1]] == [big_id]
+
+
 # ---- the page, in a real browser --------------------------------------------------------------
 # Playwright drives the machine's Chromium (never a downloaded one); without either, these skip.
 CHROMIUM = (
