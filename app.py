@@ -86,6 +86,12 @@ CLIENT_TIMEOUT = 30  # seconds a client may take to accept a write, or to send a
 HEAD_TIMEOUT = 10  # seconds a client may take to send a request line and headers, in all
 MAX_HEAD = 16_384  # bytes of request line and headers, in all (431 beyond)
 MAX_BODY = 1_150_000  # bytes of request body: room for 1 MiB of content (schema.sql) and JSON
+# Per client address, 429 beyond; 0 for no limit. Behind a proxy every client has the proxy's
+# address: set both to 0 there, and let the proxy limit each client.
+CLIENT_CONNECTIONS = os.environ.get("CLIENT_CONNECTIONS", "5000")  # connections open at once
+CLIENT_CONNECTS = os.environ.get("CLIENT_CONNECTS", "5000")  # connections opened in one second
+STREAM_BUFFER = 65_536  # bytes the kernel holds for a stream's client (SO_SNDBUF; Linux doubles it)
+ACCEPT_BURST = 10  # connections accepted in a row before other greenlets run again
 
 
 # ---- database --------------------------------------------------------------------------------
@@ -781,6 +787,9 @@ def main():
     gevent.socket.setdefaulttimeout(CLIENT_TIMEOUT)
     # A big backlog: thousands of browsers reconnect at once after a restart.
     server = WSGIServer((HOST, int(PORT)), app, log=None, backlog=4096, handler_class=Handler)
+    # A few connections accepted at a time, then the others run: with gevent's 100 in a row, a
+    # flood of connections delays every delivery by as long as 100 connections take.
+    server.max_accept = ACCEPT_BURST
     # The port first: if it is taken, say so before starting anything (a private PostgreSQL).
     try:
         server.init_socket()
@@ -954,6 +963,9 @@ BAD_REQUEST = fixed_answer(
 URI_TOO_LONG = fixed_answer(
     "414 URI Too Long", f"the request line must be shorter than {MAX_REQUEST_LINE} bytes"
 )
+TOO_MANY_CONNECTIONS = fixed_answer(
+    "429 Too Many Requests", "too many connections from your address; try again in a few seconds"
+)
 
 
 class Refused(Exception):
@@ -1001,8 +1013,40 @@ def check_framing(headers):
         raise ambiguous
 
 
+def limit_setting(name, given):
+    """A per-client limit from the environment, as a number (0: none); else exit with one line."""
+    if not re.fullmatch("[0-9]{1,9}", given):
+        sys.exit(f"error: {name} must be a whole number (0 for no limit), not {given!r}")
+    return int(given)
+
+
+connections_limit = limit_setting("CLIENT_CONNECTIONS", CLIENT_CONNECTIONS)
+connects_limit = limit_setting("CLIENT_CONNECTS", CLIENT_CONNECTS)
+open_connections = collections.Counter()  # Handler.handle: client address -> connections open
+connects_this_second = collections.Counter()  # over_the_limits: address -> connections opened
+this_second = 0  # over_the_limits: the second that connects_this_second counts
+
+
+def over_the_limits(address):
+    """Count a new connection from address: is it over CLIENT_CONNECTIONS or CLIENT_CONNECTS?"""
+    global this_second
+    now = int(time.monotonic())
+    if now != this_second:
+        # A new second: every address starts again from none, and those of the last one go.
+        connects_this_second.clear()
+        this_second = now
+    connects_this_second[address] += 1
+    too_many_open = connections_limit > 0 and open_connections[address] >= connections_limit
+    too_many_new = connects_limit > 0 and connects_this_second[address] > connects_limit
+    return too_many_open or too_many_new
+
+
 def keep_a_stream_small(sock):
-    """Bound what a stream holds for its whole life: its request's headers."""
+    """Bound what a stream holds for its whole life: kernel buffers, and its request's headers."""
+    # Linux lets the send buffer of a client that does not read grow to 4 MB (tcp_wmem), and
+    # broadcast() would copy every batch into it: for a thousand such clients, gigabytes, and
+    # the time to copy them. Beyond STREAM_BUFFER the stream waits for its client instead.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_BUFFER)
     # A stream reads no body; and its headers (up to MAX_HEAD bytes) have been read: the
     # environ would otherwise keep them as long as the stream lives.
     leave_the_body_unread()
@@ -1012,13 +1056,32 @@ def keep_a_stream_small(sock):
 
 
 class Handler(WSGIHandler):
-    """pywsgi's handler: request heads bounded and checked, the socket lent to streams."""
+    """pywsgi's handler: limits per client, request heads bounded, the socket lent to streams."""
 
     def __init__(self, sock, *args):
         super().__init__(sock, *args)
         # A stream reads one request: pywsgi's 8 KB buffer was a third of its memory.
         self.rfile = sock.makefile("rb", 512)
         self.head_deadline = 0
+
+    def handle(self):
+        # Before a byte is read: a client address over its limits is answered and closed at
+        # once, for little work, so that its flood of connections slows nobody else much.
+        address = self.client_address[0]
+        if over_the_limits(address):
+            log_rarely(
+                "limits", "refused connections from %s: too many at once or a second", address
+            )
+            with contextlib.suppress(OSError):
+                self.socket.sendall(TOO_MANY_CONNECTIONS)
+            return
+        open_connections[address] += 1
+        try:
+            super().handle()
+        finally:
+            open_connections[address] -= 1
+            if open_connections[address] == 0:
+                del open_connections[address]
 
     def read_requestline(self):
         # The request line and the headers get HEAD_TIMEOUT in all, not per read: a client that

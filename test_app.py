@@ -2459,6 +2459,177 @@ def test_versions_and_ids_beyond_10_to_the_18_work_and_beyond_bigint_get_a_4xx(e
             assert [e["data"]["id"] for e in events[1:-1]] == [big_id]
 
 
+FLOODER = "127.0.0.3"  # Linux routes all of 127.0.0.0/8 to loopback: another client address
+
+
+def connect_from(address, app, timeout=WAIT):
+    """A socket connected to the app from a loopback address of the test's choosing."""
+    s = socket.socket()
+    s.settimeout(timeout)
+    try:
+        s.bind((address, 0))
+        s.connect(("127.0.0.1", app.port))
+    except OSError:
+        s.close()
+        raise
+    return s
+
+
+def send_queues_kb(app):
+    """The bytes waiting in the send buffers of the app's sockets to its clients, in KB."""
+    queued = 0
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if fields[1].endswith(f":{app.port:04X}"):
+                queued += int(fields[4].split(":")[0], 16)
+    return queued // 1000
+
+
+def deliveries_during(app, url, load, seconds=6, content="x"):
+    """Commit a change every 0.25 s while load(stop) runs in a thread; each one's delivery time.
+
+    The changes are read by a stream from 127.0.0.1; a change never delivered counts as 60 s.
+    """
+    received = {}
+    with listen(app) as reader:
+        reader.ready()
+
+        def read():
+            with contextlib.suppress(OSError, EOFError, TimeoutError):
+                while "end" not in received:
+                    row = reader.next()["data"]
+                    received[row.get("title", "")] = time.monotonic()
+
+        reading = threading.Thread(target=read, daemon=True)
+        reading.start()
+        stop = threading.Event()
+        loading = threading.Thread(target=load, args=(stop,), daemon=True)
+        loading.start()
+        committed = {}
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            title = f"During the load {len(committed)}"
+            insert(title, content, url=url)
+            committed[title] = time.monotonic()
+            time.sleep(0.25)
+        stop.set()
+        loading.join()
+        insert("end", url=url)
+        reading.join(WAIT)
+    return sorted(received.get(title, at + 60) - at for title, at in committed.items())
+
+
+def hang_up_flood(app, path):
+    """A load: connect from FLOODER, ask for path, hang up at once; over and over until stopped."""
+    head = b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % path.encode()
+    flood = SimpleNamespace(connections=0)
+
+    def load(stop):
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                with connect_from(FLOODER, app, timeout=2) as s:
+                    s.sendall(head)
+                flood.connections += 1
+
+    return flood, load
+
+
+def refused_by_limits(app):
+    """What a connection from FLOODER is answered now: b"" if not refused before reading."""
+    with contextlib.suppress(OSError), connect_from(FLOODER, app, timeout=2) as s:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        answer = read_to_the_end(s)
+        if answer.startswith(b"HTTP/1.1 429 "):
+            return answer
+    return b""
+
+
+@pytest.mark.parametrize("path", ["/events", "/healthz"])
+def test_one_address_flooding_connections_is_refused_beyond_its_limits_and_delays_nobody(
+    database, path
+):
+    limits = {"CLIENT_CONNECTIONS": "20", "CLIENT_CONNECTS": "50"}
+    with running_app(database.url, **limits) as app:
+        before = rss_kb(app)
+        flood, load = hang_up_flood(app, path)
+        refusals = []
+
+        def flood_and_probe(stop):
+            prober = threading.Thread(target=load, args=(stop,))
+            prober.start()
+            while not stop.wait(0.5):
+                refusals.append(refused_by_limits(app))
+            prober.join()
+
+        with peak_rss(app) as peak:
+            delays = deliveries_during(app, database.url, flood_and_probe)
+        rate = flood.connections / 6
+        print(
+            f"{path} hang-ups at {rate:.0f}/s from one address: delivery to another"
+            f" p50 {delays[len(delays) // 2]:.2f} s, max {delays[-1]:.2f} s;"
+            f" {sum(1 for r in refusals if r)} of {len(refusals)} probes got 429;"
+            f" the app grew by {peak.kb - before} KB"
+        )
+        assert any(refusals), "the flooding address was never refused"
+        assert "too many connections" in json_error(next(r for r in refusals if r))
+        assert delays[len(delays) // 2] < 2  # nearly every change within a few seconds
+        assert delays[int(len(delays) * 0.9)] < 5
+        assert peak.kb - before < 200_000
+        assert output(app).count("refused connections from 127.0.0.3") <= 10  # a line a second
+        # the limit on connections open at once: 20 from one address, and the next is refused
+        eventually(lambda: not refused_by_limits(app), message="the address stayed refused")
+        held = [connect_from(FLOODER, app) for _ in range(20)]
+        try:
+            for s in held:
+                s.sendall(b"GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            eventually(lambda: clients(app) >= 20, message="the 20 streams never opened")
+            time.sleep(1)  # a new second: the limit on connections a second starts from 0
+            assert refused_by_limits(app)
+            assert request("GET", "/healthz", app=app).status == 200  # other addresses may
+        finally:
+            for s in held:
+                s.close()
+
+
+def test_a_thousand_streams_that_never_read_delay_nobody_and_hold_little_in_the_kernel(
+    empty_database, many_files
+):
+    with running_app(empty_database) as app:
+        before = rss_kb(app)
+        stalled = []
+        try:
+            for _ in range(1000):
+                s = connect_from(FLOODER, app)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                s.sendall(b"GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                stalled.append(s)
+            eventually(lambda: clients(app) >= 1000, message="the stalled streams never opened")
+            queued = SimpleNamespace(kb=0)
+
+            def watch_the_queues(stop):
+                while not stop.wait(0.25):
+                    queued.kb = max(queued.kb, send_queues_kb(app))
+
+            with peak_rss(app) as peak:
+                delays = deliveries_during(
+                    app, empty_database, watch_the_queues, seconds=5, content="y" * MB
+                )
+        finally:
+            for s in stalled:
+                s.close()
+    print(
+        f"1000 stalled streams, 1 MB changes: delivery to another"
+        f" p50 {delays[len(delays) // 2]:.2f} s, max {delays[-1]:.2f} s;"
+        f" the app's send queues held at most {queued.kb // 1000} MB;"
+        f" the app grew by {peak.kb - before} KB"
+    )
+    assert delays[len(delays) // 2] < 2  # nearly every change within a few seconds
+    assert delays[int(len(delays) * 0.9)] < 5
+    assert queued.kb < 300_000  # Linux's own limit is 4 MB a socket: 4 GB
+    assert peak.kb - before < 300_000
+
+
 # ---- the page, in a real browser --------------------------------------------------------------
 # Playwright drives the machine's Chromium (never a downloaded one); without either, these skip.
 CHROMIUM = (
