@@ -35,6 +35,7 @@ import contextlib
 import gc
 import hmac
 import importlib.util
+import io
 import json
 import logging
 import os
@@ -60,7 +61,7 @@ import psycopg2.errors
 import psycopg2.extensions
 import psycopg2.extras
 from bottle import abort, request, response
-from gevent.pywsgi import WSGIHandler, WSGIServer
+from gevent.pywsgi import MAX_REQUEST_LINE, WSGIHandler, WSGIServer
 from psycopg2.extensions import POLL_OK, POLL_READ, POLL_WRITE
 
 # ---- configuration ---------------------------------------------------------------------------
@@ -91,9 +92,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))  # schema.sql, index.html and 
 # Bounds for slow or hostile clients (see the hardening sections at the end).
 WRITE_TOKEN = os.environ.get("WRITE_TOKEN", "")  # set: writes need "Authorization: Bearer <it>"
 ALLOWED_HOSTS = os.environ.get("ALLOWED_HOSTS", "")  # more Host names to answer, comma-separated
-CLIENT_TIMEOUT = 30  # seconds a client may take to accept a write or send a body
+CLIENT_TIMEOUT = 30  # seconds a client may take to accept a write, or to send a body in all
 HEAD_TIMEOUT = 10  # seconds a client may take to send a request line and headers, in all
+MAX_HEAD = 16_384  # bytes of request line and headers, in all (431 beyond)
 MAX_BODY = 1_150_000  # bytes of request body: room for 1 MiB of content (schema.sql) and JSON
+# Per client address, 429 beyond; 0 for no limit. Behind a proxy every client has the proxy's
+# address: set both to 0 there, and let the proxy limit each client.
+CLIENT_CONNECTIONS = os.environ.get("CLIENT_CONNECTIONS", "5000")  # connections open at once
+CLIENT_CONNECTS = os.environ.get("CLIENT_CONNECTS", "5000")  # connections opened in one second
+STREAM_BUFFER = 65_536  # bytes the kernel holds for a stream's client (SO_SNDBUF; Linux doubles it)
+ACCEPT_BURST = 10  # connections accepted in a row before other greenlets run again
 
 
 # ---- database --------------------------------------------------------------------------------
@@ -691,7 +699,6 @@ bottle.BaseResponse.default_content_type = "application/json"
 
 def error_as_json(res):
     """Errors in our own words, as JSON: tracebacks go to the log only."""
-    leave_the_body_unread()
     return json.dumps({"error": res.body})
 
 
@@ -712,15 +719,19 @@ def index():
 def list_newsletters():
     """Live newsletters, newest first, a page at a time (?limit=, ?before=<id>)."""
     limit = request.query.limit or "50"
-    before = request.query.before or "999999999999999999"
+    before = request.query.before
     if not re.fullmatch("[0-9]{1,4}", limit) or int(limit) == 0:
         abort(400, "limit must be a whole number from 1 (at most 200 are sent)")
-    if not re.fullmatch("[0-9]{1,18}", before):
-        abort(400, "before must be an id")
+    # Ids are bigints: the newest one to list is below before, and at most the largest bigint.
+    newest = ANY_VERSION
+    if before:
+        if not re.fullmatch("[0-9]{1,19}", before):
+            abort(400, "before must be an id")
+        newest = min(int(before) - 1, ANY_VERSION)
     rows = query(
         f"SELECT {ROW_JSON}(t) AS json FROM {TABLE} AS t"
-        " WHERE NOT deleted AND id < %s ORDER BY id DESC LIMIT %s",
-        (int(before), min(int(limit), 200)),
+        " WHERE NOT deleted AND id <= %s ORDER BY id DESC LIMIT %s",
+        (newest, min(int(limit), 200)),
     )
     # A JSON array of the rows' JSON, as PostgreSQL wrote it.
     return b"[" + b", ".join(row.json for row in rows) + b"]"
@@ -745,10 +756,18 @@ def publish():
     return row.json
 
 
-# Any other id (negative, beyond bigint, not a number) matches no route: 404.
-@app.put(f"/{TABLE}/<nid:re:[0-9]{{1,18}}>")
+def newsletter_id(nid):
+    """The id in a path, as a number: 404 beyond the largest bigint, which no row can have."""
+    if int(nid) > ANY_VERSION:
+        abort(404, "no such newsletter")
+    return int(nid)
+
+
+# Any other id (negative, not a number) matches no route: 404.
+@app.put(f"/{TABLE}/<nid:re:[0-9]{{1,19}}>")
 def edit(nid):
     """New title and content for a live newsletter; with If-Match, only if nobody changed it."""
+    nid = newsletter_id(nid)
     expected = expected_version()
     fields = read_newsletter()
     # SET title = %(title)s, content = %(content)s: every field, so a PUT replaces the whole row.
@@ -759,27 +778,28 @@ def edit(nid):
         " WHERE id = %(id)s AND NOT deleted"
         " AND (%(expected)s::bigint IS NULL OR version = %(expected)s)"
         f" RETURNING version, {ROW_JSON}(t) AS json",
-        {**fields, "id": int(nid), "expected": expected},
+        {**fields, "id": nid, "expected": expected},
     )
     if not rows:
-        return refused_write(int(nid), expected)
+        return refused_write(nid, expected)
     response["ETag"] = f'"{rows[0].version}"'
     return rows[0].json
 
 
-@app.delete(f"/{TABLE}/<nid:re:[0-9]{{1,18}}>")
+@app.delete(f"/{TABLE}/<nid:re:[0-9]{{1,19}}>")
 def delete(nid):
     """Delete a newsletter, leaving a tombstone (as a psql DELETE does, through the trigger)."""
+    nid = newsletter_id(nid)
     expected = expected_version()
     rows = query(
         f"UPDATE {TABLE} SET deleted = true"
         " WHERE id = %(id)s AND NOT deleted"
         " AND (%(expected)s::bigint IS NULL OR version = %(expected)s)"
         " RETURNING id",
-        {"id": int(nid), "expected": expected},
+        {"id": nid, "expected": expected},
     )
     if not rows:
-        return refused_write(int(nid), expected)
+        return refused_write(nid, expected)
     response.status = 204
 
 
@@ -807,8 +827,9 @@ def expected_version():
     # `*` asks only that the newsletter exists, as any write does.
     if given in ("", "*"):
         return None
-    found = re.fullmatch(r'"([0-9]{1,18})"', given)
-    if found is None:
+    # A version is a bigint: up to 19 digits, and no larger than the largest bigint.
+    found = re.fullmatch(r'"([0-9]{1,19})"', given)
+    if found is None or int(found.group(1)) > ANY_VERSION:
         abort(400, 'If-Match must be a version in quotes, as the ETag gives it: "42"')
     return int(found.group(1))
 
@@ -852,6 +873,8 @@ def events():
     # Each write goes out at once: a small frame must not wait for the client to acknowledge the
     # one before it (Nagle's algorithm).
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    # A stream may live for hours: what it holds meanwhile is bounded (hardening section).
+    keep_a_stream_small(sock)
     return stream_changes(sock, cursor, reset, chunked)
 
 
@@ -920,6 +943,9 @@ def main():
     gevent.socket.setdefaulttimeout(CLIENT_TIMEOUT)
     # A big backlog: thousands of browsers reconnect at once after a restart.
     server = WSGIServer((HOST, int(PORT)), app, log=None, backlog=4096, handler_class=Handler)
+    # A few connections accepted at a time, then the others run: with gevent's 100 in a row, a
+    # flood of connections delays every delivery by as long as 100 connections take.
+    server.max_accept = ACCEPT_BURST
     # The port first: if it is taken, say so before starting anything (a private PostgreSQL).
     try:
         server.init_socket()
@@ -1014,16 +1040,20 @@ def check_request():
 
 
 def read_json_body():
-    """The request body, parsed as JSON: at most MAX_BODY bytes, within CLIENT_TIMEOUT."""
+    """The request body, parsed as JSON: at most MAX_BODY bytes, within CLIENT_TIMEOUT in all."""
     # A form or a no-cors fetch from another site cannot send this type without asking first.
     if request.content_type.split(";")[0].strip().lower() != "application/json":
         abort(415, "the body must be JSON, sent with Content-Type: application/json")
     if request.content_length > MAX_BODY:
         abort(413, "the request body is too large")
     # Read the WSGI input ourselves: pywsgi has already undone a chunked encoding, and Bottle's
-    # own reader would try to undo it again. Never more than MAX_BODY + 1 bytes.
+    # own reader would try to undo it again. Never more than MAX_BODY + 1 bytes, and one
+    # deadline for the whole body: the socket's timeout applies to each read, and a client that
+    # sends a byte every few seconds would otherwise hold its connection for days.
+    too_slow = TimeoutError(f"the body took more than {CLIENT_TIMEOUT}s")
     try:
-        body = request.environ["wsgi.input"].read(MAX_BODY + 1)
+        with gevent.Timeout(CLIENT_TIMEOUT, too_slow):
+            body = request.environ["wsgi.input"].read(MAX_BODY + 1)
     except (OSError, ValueError):
         # The body did not arrive within CLIENT_TIMEOUT, or its chunks were malformed.
         abort(400, "the body did not arrive complete")
@@ -1037,11 +1067,12 @@ def read_json_body():
         abort(400, 'the body must be complete JSON: {"title": "...", "content": "..."}')
 
 
+@app.hook("after_request")
 def leave_the_body_unread():
-    """After refusing a request, read no more of its body: the connection then closes."""
-    # pywsgi would otherwise read (and throw away) the rest of the body, however long, to keep
-    # the connection open for another request. Tell its reader the body is over; the handler
-    # then closes the connection, gently (see Handler.close_gently).
+    """After any answer, read no more of a body the app has not read: the connection closes."""
+    # pywsgi would otherwise read (and throw away) the rest of the body, however long and
+    # however slowly it comes, to keep the connection open for another request. Tell its reader
+    # the body is over; the handler then closes the connection, gently (Handler.close_gently).
     has_body = request.content_length > 0 or "HTTP_TRANSFER_ENCODING" in request.environ
     if has_body and not request.environ.get("newsletter.body_read"):
         body = request.environ["wsgi.input"]
@@ -1087,21 +1118,142 @@ def log_rarely(kind, message, *args):
         logging.warning(message, *args)
 
 
-BAD_REQUEST_BODY = b'{"error": "the request line or headers are malformed, or came too slowly"}'
-BAD_REQUEST = (
-    b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Type: application/json\r\n"
-    b"Content-Length: %d\r\n\r\n%s" % (len(BAD_REQUEST_BODY), BAD_REQUEST_BODY)
+def fixed_answer(status, message):
+    """A whole HTTP answer with a JSON error, which the Handler sends before it closes."""
+    body = json.dumps({"error": message}).encode()
+    head = (
+        f"HTTP/1.1 {status}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nX-Content-Type-Options: nosniff\r\n"
+        "Referrer-Policy: no-referrer\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+BAD_REQUEST = fixed_answer(
+    "400 Bad Request", "the request line or headers are malformed, or came too slowly"
+)
+URI_TOO_LONG = fixed_answer(
+    "414 URI Too Long", f"the request line must be shorter than {MAX_REQUEST_LINE} bytes"
+)
+TOO_MANY_CONNECTIONS = fixed_answer(
+    "429 Too Many Requests", "too many connections from your address; try again in a few seconds"
 )
 
 
+class Refused(Exception):
+    """A request refused before the app sees it: the status to answer, and why."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+def read_head(rfile, limit):
+    """A request's header lines, up to the blank line that ends them: at most limit bytes."""
+    lines = []
+    size = 0
+    while True:
+        line = rfile.readline(limit - size + 1)
+        size += len(line)
+        if size > limit:
+            raise Refused(
+                "431 Request Header Fields Too Large",
+                f"the request line and headers must be at most {MAX_HEAD} bytes in all",
+            )
+        lines.append(line)
+        if line in (b"\r\n", b"\n", b""):
+            return b"".join(lines)
+
+
+def check_framing(headers):
+    """Refuse a body whose end two readers could find in different places."""
+    # pywsgi reads the first Content-Length, takes "+30" for 30, and reads a body sent with
+    # "Transfer-Encoding: gzip, chunked" as empty. A proxy in front may read them otherwise:
+    # the rest of the body then passes for a request of its own ("request smuggling"), and
+    # answers go to the wrong clients. So exactly one framing, in its one plain form.
+    encodings = headers.get_all("Transfer-Encoding", [])
+    lengths = headers.get_all("Content-Length", [])
+    ambiguous = Refused(
+        "400 Bad Request",
+        "a body's length must be given once: one Content-Length, or Transfer-Encoding: chunked",
+    )
+    if len(encodings) + len(lengths) > 1:
+        raise ambiguous
+    if encodings and encodings[0].strip().lower() != "chunked":
+        raise ambiguous
+    if lengths and not re.fullmatch("[0-9]{1,18}", lengths[0].strip()):
+        raise ambiguous
+
+
+def limit_setting(name, given):
+    """A per-client limit from the environment, as a number (0: none); else exit with one line."""
+    if not re.fullmatch("[0-9]{1,9}", given):
+        sys.exit(f"error: {name} must be a whole number (0 for no limit), not {given!r}")
+    return int(given)
+
+
+connections_limit = limit_setting("CLIENT_CONNECTIONS", CLIENT_CONNECTIONS)
+connects_limit = limit_setting("CLIENT_CONNECTS", CLIENT_CONNECTS)
+open_connections = collections.Counter()  # Handler.handle: client address -> connections open
+connects_this_second = collections.Counter()  # over_the_limits: address -> connections opened
+this_second = 0  # over_the_limits: the second that connects_this_second counts
+
+
+def over_the_limits(address):
+    """Count a new connection from address: is it over CLIENT_CONNECTIONS or CLIENT_CONNECTS?"""
+    global this_second
+    now = int(time.monotonic())
+    if now != this_second:
+        # A new second: every address starts again from none, and those of the last one go.
+        connects_this_second.clear()
+        this_second = now
+    connects_this_second[address] += 1
+    too_many_open = connections_limit > 0 and open_connections[address] >= connections_limit
+    too_many_new = connects_limit > 0 and connects_this_second[address] > connects_limit
+    return too_many_open or too_many_new
+
+
+def keep_a_stream_small(sock):
+    """Bound what a stream holds for its whole life: kernel buffers, and its request's headers."""
+    # Linux lets the send buffer of a client that does not read grow to 4 MB (tcp_wmem), and
+    # broadcast() would copy every batch into it: for a thousand such clients, gigabytes, and
+    # the time to copy them. Beyond STREAM_BUFFER the stream waits for its client instead.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_BUFFER)
+    # A stream reads no body; and its headers (up to MAX_HEAD bytes) have been read: the
+    # environ would otherwise keep them as long as the stream lives.
+    leave_the_body_unread()
+    for name in list(request.environ):
+        if name.startswith("HTTP_"):
+            del request.environ[name]
+
+
 class Handler(WSGIHandler):
-    """pywsgi's handler, with a deadline for request heads and the socket lent to streams."""
+    """pywsgi's handler: limits per client, request heads bounded, the socket lent to streams."""
 
     def __init__(self, sock, *args):
         super().__init__(sock, *args)
         # A stream reads one request: pywsgi's 8 KB buffer was a third of its memory.
         self.rfile = sock.makefile("rb", 512)
         self.head_deadline = 0
+
+    def handle(self):
+        # Before a byte is read: a client address over its limits is answered and closed at
+        # once, for little work, so that its flood of connections slows nobody else much.
+        address = self.client_address[0]
+        if over_the_limits(address):
+            log_rarely(
+                "limits", "refused connections from %s: too many at once or a second", address
+            )
+            with contextlib.suppress(OSError):
+                self.socket.sendall(TOO_MANY_CONNECTIONS)
+            return
+        open_connections[address] += 1
+        try:
+            super().handle()
+        finally:
+            open_connections[address] -= 1
+            if open_connections[address] == 0:
+                del open_connections[address]
 
     def read_requestline(self):
         # The request line and the headers get HEAD_TIMEOUT in all, not per read: a client that
@@ -1114,13 +1266,28 @@ class Handler(WSGIHandler):
     def read_request(self, raw_requestline):
         remaining = max(self.head_deadline - time.monotonic(), 0.001)
         with gevent.Timeout(remaining, TimeoutError("the request headers took too long")):
-            return super().read_request(raw_requestline)
+            super().read_request(raw_requestline)
+        # pywsgi hands the app of an upgrade (a WebSocket) the raw socket as its body, for the
+        # app to serve the new protocol. This app serves none: refuse before it sees one.
+        if self._connection_upgrade_requested():
+            raise Refused("400 Bad Request", "this server upgrades no connection (no WebSocket)")
+        return True
+
+    def MessageClass(self, rfile, *args):
+        # pywsgi parses the headers through this. Read them first, within MAX_HEAD bytes with
+        # the request line: it would take 100 headers of 64 KB each.
+        head = read_head(rfile, MAX_HEAD - len(self.requestline))
+        headers = super().MessageClass(io.BytesIO(head), *args)
+        check_framing(headers)
+        return headers
 
     def handle_one_request(self):
         result = super().handle_one_request()
         if isinstance(result, tuple):
             # pywsgi's answer to a malformed request, which it would send and then close on.
             status, answer = result
+            if status == "414":
+                answer = URI_TOO_LONG
             with contextlib.suppress(OSError):
                 self.socket.sendall(answer)
             self.close_gently()
@@ -1151,6 +1318,9 @@ class Handler(WSGIHandler):
     def _handle_client_error(self, error):
         # pywsgi's hook for a malformed request (or one too slow): one line, not a traceback.
         client = self.client_address[0]
+        if isinstance(error, Refused):
+            log_rarely(str(error), "refused a request from %s: %s", client, error)
+            return error.status, fixed_answer(error.status, str(error))
         log_rarely(type(error).__name__, "bad request from %s: %s", client, first_line(error))
         return "400", BAD_REQUEST
 

@@ -11,7 +11,8 @@
 
 It needs the same install as the tests (pip install -r requirements.txt: it borrows their servers
 from test_app.py). It starts `python app.py` exactly as the tests do, on a private PostgreSQL, or
-on TEST_DATABASE_URL or --dsn if given; with --url (and --dsn) it measures an app already running.
+on TEST_DATABASE_URL or --dsn if given; with --url (and --dsn) it measures an app already running
+(start that one with CLIENT_CONNECTIONS=0 CLIENT_CONNECTS=0: every client comes from one address).
 It opens the clients from one separate process on non-blocking sockets, commits changes from
 another, and prints one line per run. Each change carries the time it was committed (in its
 title), so latency is commit to receipt. With --workers N it starts the app with WORKERS=N, adds
@@ -310,7 +311,8 @@ def run(args, url, dsn, pid):
 
 def measure(args, dsn):
     """Start the app on dsn as the tests do, print one run's line, stop it."""
-    app = start_app(dsn, WORKERS=str(args.workers))
+    # Every client comes from 127.0.0.1: no limit on connections per client address.
+    app = start_app(dsn, WORKERS=str(args.workers), CLIENT_CONNECTIONS="0", CLIENT_CONNECTS="0")
     try:
         print(run(args, app.url, dsn, app.proc.pid))
     finally:

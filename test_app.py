@@ -2511,6 +2511,340 @@ def test_a_flood_of_slow_and_oversized_request_heads_logs_a_few_lines_and_no_tra
         assert len(log) <= 4  # one line a second of each kind, at most
 
 
+def test_a_request_head_over_16_kb_gets_431_and_a_stream_keeps_none_of_its_headers(database):
+    with running_app(database.url) as app:
+        big_headers = b"".join(b"X-Big-%d: %s\r\n" % (i, b"y" * 8000) for i in range(3))
+        answer = answer_to(app, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n%s\r\n" % big_headers)
+        assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+        assert "16384 bytes" in json_error(answer)
+        # pywsgi alone would take 100 headers of 64 KB; it is refused long before its end
+        huge = b"GET /events HTTP/1.1\r\n" + b"X-Huge: %s\r\n" % (b"z" * 65_000) * 95 + b"\r\n"
+        with socket.create_connection(("127.0.0.1", app.port), timeout=WAIT) as s:
+            with contextlib.suppress(OSError):  # reset once the app stops reading
+                s.sendall(huge)
+            assert read_to_the_end(s).startswith(b"HTTP/1.1 431 ")
+        # under the limit: a stream opens, and keeps none of its 15 KB of headers
+        below = b"".join(b"X-Below-%d: %s\r\n" % (i, b"w" * 5000) for i in range(3))
+        head = b"GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\n%s\r\n" % below
+        socks = raw_streams(app, 50)  # the heap's first growth, before measuring
+        before = rss_kb(app)
+        try:
+            for _ in range(400):
+                s = socket.create_connection(("127.0.0.1", app.port), timeout=WAIT)
+                s.sendall(head)
+                socks.append(s)
+                time.sleep(0.005)  # one at a time: each head is read and dropped before the next
+            eventually(lambda: open_streams(app) >= 450, message="the streams never all opened")
+            grown = rss_kb(app) - before
+        finally:
+            for s in socks:
+                s.close()
+    print(f"a stream with 15 KB of headers costs the app {grown / 400:.1f} KB")
+    assert grown < 400 * 28  # a stream costs about 20 KB: with its headers, 35 KB
+
+
+def test_a_websocket_upgrade_gets_a_400_json_error_and_at_most_a_log_line_a_second(database):
+    with running_app(database.url) as app:
+        logged = len(output(app).splitlines())
+        upgrade = (
+            b"GET /events HTTP/1.1\r\nHost: evil.example\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 5\r\n\r\nhello"
+        )
+        for _ in range(20):
+            answer = answer_to(app, upgrade)  # ...which returns once the app closes
+            assert answer.startswith(b"HTTP/1.1 400 "), answer[:300]
+            assert "WebSocket" in json_error(answer)
+        log = output(app).splitlines()[logged:]
+        print(f"20 upgrades: {len(log)} lines logged: {log}")
+        assert not any("Traceback" in line for line in log)
+        assert len(log) <= 2
+        assert healthy(app)
+
+
+FRAMINGS = [
+    ("not only chunked", b"Transfer-Encoding: gzip, chunked\r\n"),
+    ("chunked twice", b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n"),
+    ("two lengths", b"Content-Length: 0\r\nContent-Length: %d\r\n"),
+    ("a plus sign", b"Content-Length: +%d\r\n"),
+    ("length and chunked", b"Content-Length: %d\r\nTransfer-Encoding: chunked\r\n"),
+]
+
+
+@pytest.mark.parametrize("framing", [f for _, f in FRAMINGS], ids=[what for what, _ in FRAMINGS])
+def test_a_body_framed_ambiguously_gets_400_and_the_connection_closes(app, framing):
+    hidden = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"  # what a proxy may take for a body
+    if b"%d" in framing:
+        framing = framing % len(hidden)
+    head = b"GET /newsletters HTTP/1.1\r\nHost: 127.0.0.1\r\n%s\r\n" % framing
+    answer = answer_to(app, head + hidden)
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:300]
+    assert answer.count(b"HTTP/1.1 ") == 1, answer  # one answer, then closed
+    assert "Content-Length" in json_error(answer)
+
+
+def test_a_body_that_trickles_in_a_byte_at_a_time_is_cut_off_within_client_timeout(app):
+    timeout = app_setting("CLIENT_TIMEOUT")
+    before = table_state()
+    results = []
+
+    def trickle(head):
+        """Send head, then a byte of body every 3 s: the seconds until closed, and the answer."""
+        started = time.time()
+        answer = b""
+        with socket.create_connection(("127.0.0.1", app.port), timeout=3) as s:
+            s.sendall(head)
+            with contextlib.suppress(OSError):  # a reset counts as closed
+                while time.time() - started < timeout + 20:  # held: the assertion says so
+                    try:
+                        data = s.recv(65536)
+                    except TimeoutError:
+                        s.sendall(b" ")
+                        continue
+                    if not data:
+                        break
+                    answer += data
+        results.append((time.time() - started, answer))
+
+    post = (
+        b"POST /newsletters HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n{"
+    )
+    # a body the app does not read, answered at once: pywsgi would read the rest before the
+    # connection could take another request
+    get = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n\r\n"
+    trickles = [threading.Thread(target=trickle, args=(post,)) for _ in range(20)]
+    trickles += [threading.Thread(target=trickle, args=(get,)) for _ in range(5)]
+    for t in trickles:
+        t.start()
+    for t in trickles:
+        t.join()
+    print(f"25 trickled bodies were cut off after {max(seconds for seconds, _ in results):.0f} s")
+    for seconds, answer in results:
+        assert seconds < timeout + 10, "a trickling body held its connection"
+        assert answer == b"" or re.match(rb"HTTP/1.1 (400|200) ", answer), answer[:200]
+    assert table_state() == before
+    assert request("GET", "/healthz").status == 200
+
+
+def test_versions_and_ids_beyond_10_to_the_18_work_and_beyond_bigint_get_a_4xx(empty_database):
+    with running_app(empty_database) as app:
+        psql("SELECT setval('newsletters_version', 1000000000000000000)", url=empty_database)
+        big_id = 1_000_000_000_000_000_001
+        psql(
+            "INSERT INTO newsletters (id, title, content) VALUES (%s, 'Far', 'out')",
+            big_id,
+            url=empty_database,
+        )
+        caught_up(app, empty_database)
+        assert [r["id"] for r in request("GET", "/newsletters", app=app).json] == [big_id]
+        res = request("GET", f"/newsletters?before={big_id + 1}", app=app)
+        assert [r["id"] for r in res.json] == [big_id]
+        assert request("GET", "/newsletters?before=9223372036854775808", app=app).status == 200
+        res = request("PUT", f"/newsletters/{big_id}", {"title": "Far", "content": "a"}, app=app)
+        assert res.status == 200, res.json
+        assert etag(res) == '"1000000000000000002"'
+        own = {"If-Match": etag(res)}
+        res = request("PUT", f"/newsletters/{big_id}", {"title": "Far", "content": "b"}, own, app)
+        assert res.status == 200, res.json
+        largest = {"If-Match": '"9223372036854775807"'}
+        res = request("PUT", f"/newsletters/{big_id}", {"title": "F", "content": "c"}, largest, app)
+        assert res.status == 412, res.json  # a version that could be, but is not the current one
+        rows = "SELECT id, version, content FROM newsletters"
+        before = psql(rows, url=empty_database)
+        for beyond in ['"9223372036854775808"', '"9999999999999999999"', '"10000000000000000000"']:
+            res = request(
+                "PUT",
+                f"/newsletters/{big_id}",
+                {"title": "F", "content": "d"},
+                {"If-Match": beyond},
+                app,
+            )
+            assert res.status == 400, (beyond, res.status, res.json)
+        for path in ["/newsletters/9223372036854775808", "/newsletters/9999999999999999999"]:
+            res = request("DELETE", path, app=app)
+            assert res.status == 404 and isinstance(res.json["error"], str), (path, res.status)
+        assert psql(rows, url=empty_database) == before
+        for cursor in ["9223372036854775807", "9223372036854775808", "9999999999999999999"]:
+            with listen(app, since=cursor) as stream:
+                events = stream.until(is_ready)
+            assert events[0]["event"] == "reset", cursor
+            assert [e["data"]["id"] for e in events[1:-1]] == [big_id]
+
+
+FLOODER = "127.0.0.3"  # Linux routes all of 127.0.0.0/8 to loopback: another client address
+
+
+def connect_from(address, app, timeout=WAIT):
+    """A socket connected to the app from a loopback address of the test's choosing."""
+    s = socket.socket()
+    s.settimeout(timeout)
+    try:
+        s.bind((address, 0))
+        s.connect(("127.0.0.1", app.port))
+    except OSError:
+        s.close()
+        raise
+    return s
+
+
+def send_queues_kb(app):
+    """The bytes waiting in the send buffers of the app's sockets to its clients, in KB."""
+    queued = 0
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if fields[1].endswith(f":{app.port:04X}"):
+                queued += int(fields[4].split(":")[0], 16)
+    return queued // 1000
+
+
+def deliveries_during(app, url, load, seconds=6, content="x"):
+    """Commit a change every 0.25 s while load(stop) runs in a thread; each one's delivery time.
+
+    The changes are read by a stream from 127.0.0.1; a change never delivered counts as 60 s.
+    """
+    received = {}
+    with listen(app) as reader:
+        reader.ready()
+
+        def read():
+            with contextlib.suppress(OSError, EOFError, TimeoutError):
+                while "end" not in received:
+                    row = reader.next()["data"]
+                    received[row.get("title", "")] = time.monotonic()
+
+        reading = threading.Thread(target=read, daemon=True)
+        reading.start()
+        stop = threading.Event()
+        loading = threading.Thread(target=load, args=(stop,), daemon=True)
+        loading.start()
+        committed = {}
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            title = f"During the load {len(committed)}"
+            insert(title, content, url=url)
+            committed[title] = time.monotonic()
+            time.sleep(0.25)
+        stop.set()
+        loading.join()
+        insert("end", url=url)
+        reading.join(WAIT)
+    return sorted(received.get(title, at + 60) - at for title, at in committed.items())
+
+
+def hang_up_flood(app, path):
+    """A load: connect from FLOODER, ask for path, hang up at once; over and over until stopped."""
+    head = b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % path.encode()
+    flood = SimpleNamespace(connections=0)
+
+    def load(stop):
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                with connect_from(FLOODER, app, timeout=2) as s:
+                    s.sendall(head)
+                flood.connections += 1
+
+    return flood, load
+
+
+def refused_by_limits(app):
+    """What a connection from FLOODER is answered now: b"" if not refused before reading."""
+    with contextlib.suppress(OSError), connect_from(FLOODER, app, timeout=2) as s:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        answer = read_to_the_end(s)
+        if answer.startswith(b"HTTP/1.1 429 "):
+            return answer
+    return b""
+
+
+@pytest.mark.parametrize("path", ["/events", "/healthz"])
+def test_one_address_flooding_connections_is_refused_beyond_its_limits_and_delays_nobody(
+    database, path
+):
+    limits = {"CLIENT_CONNECTIONS": "20", "CLIENT_CONNECTS": "50"}
+    with running_app(database.url, **limits) as app:
+        before = rss_kb(app)
+        flood, load = hang_up_flood(app, path)
+        refusals = []
+
+        def flood_and_probe(stop):
+            prober = threading.Thread(target=load, args=(stop,))
+            prober.start()
+            while not stop.wait(0.5):
+                refusals.append(refused_by_limits(app))
+            prober.join()
+
+        with peak_rss(app) as peak:
+            delays = deliveries_during(app, database.url, flood_and_probe)
+        rate = flood.connections / 6
+        print(
+            f"{path} hang-ups at {rate:.0f}/s from one address: delivery to another"
+            f" p50 {delays[len(delays) // 2]:.2f} s, max {delays[-1]:.2f} s;"
+            f" {sum(1 for r in refusals if r)} of {len(refusals)} probes got 429;"
+            f" the app grew by {peak.kb - before} KB"
+        )
+        assert any(refusals), "the flooding address was never refused"
+        assert "too many connections" in json_error(next(r for r in refusals if r))
+        assert delays[len(delays) // 2] < 2  # nearly every change within a few seconds
+        assert delays[int(len(delays) * 0.9)] < 5
+        assert peak.kb - before < 200_000
+        assert output(app).count("refused connections from 127.0.0.3") <= 10  # a line a second
+        # the limit on connections open at once: 20 from one address, and the next is refused
+        eventually(lambda: not refused_by_limits(app), message="the address stayed refused")
+        held = [connect_from(FLOODER, app) for _ in range(20)]
+        try:
+            for s in held:
+                s.sendall(b"GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            eventually(lambda: open_streams(app) >= 20, message="the 20 streams never opened")
+            time.sleep(1)  # a new second: the limit on connections a second starts from 0
+            assert refused_by_limits(app)
+            assert request("GET", "/healthz", app=app).status == 200  # other addresses may
+        finally:
+            for s in held:
+                s.close()
+
+
+def test_a_thousand_streams_that_never_read_delay_nobody_and_hold_little_in_the_kernel(
+    empty_database, many_files
+):
+    with running_app(empty_database) as app:
+        before = rss_kb(app)
+        stalled = []
+        try:
+            for _ in range(1000):
+                s = connect_from(FLOODER, app)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                s.sendall(b"GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                stalled.append(s)
+            eventually(
+                lambda: open_streams(app) >= 1000, message="the stalled streams never opened"
+            )
+            queued = SimpleNamespace(kb=0)
+
+            def watch_the_queues(stop):
+                while not stop.wait(0.25):
+                    queued.kb = max(queued.kb, send_queues_kb(app))
+
+            with peak_rss(app) as peak:
+                delays = deliveries_during(
+                    app, empty_database, watch_the_queues, seconds=5, content="y" * MB
+                )
+        finally:
+            for s in stalled:
+                s.close()
+    print(
+        f"1000 stalled streams, 1 MB changes: delivery to another"
+        f" p50 {delays[len(delays) // 2]:.2f} s, max {delays[-1]:.2f} s;"
+        f" the app's send queues held at most {queued.kb // 1000} MB;"
+        f" the app grew by {peak.kb - before} KB"
+    )
+    assert delays[len(delays) // 2] < 2  # nearly every change within a few seconds
+    assert delays[int(len(delays) * 0.9)] < 5
+    assert queued.kb < 300_000  # Linux's own limit is 4 MB a socket: 4 GB
+    assert peak.kb - before < 300_000
+
+
 # ---- your own table: the machinery shared by every live table --------------------------------
 def copy_env(database_url, port):
     """The environment for a copy of the app: database_url, port, and nothing else set."""
