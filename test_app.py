@@ -2629,7 +2629,7 @@ def test_a_body_that_trickles_in_a_byte_at_a_time_is_cut_off_within_client_timeo
 
 def test_versions_and_ids_beyond_10_to_the_18_work_and_beyond_bigint_get_a_4xx(empty_database):
     with running_app(empty_database) as app:
-        psql("SELECT setval('newsletters_version', 1000000000000000000)", url=empty_database)
+        psql("SELECT setval('live_version', 1000000000000000000)", url=empty_database)
         big_id = 1_000_000_000_000_000_001
         psql(
             "INSERT INTO newsletters (id, title, content) VALUES (%s, 'Far', 'out')",
@@ -3939,7 +3939,7 @@ def page_on(browser, app):
 def test_versions_beyond_2_to_the_53_are_compared_exactly(browser, empty_database):
     with running_app(empty_database) as app:
         # The next version is 2^53, then 2^53 + 1: the same JavaScript number.
-        psql("SELECT setval('newsletters_version', 9007199254740991)", url=empty_database)
+        psql("SELECT setval('live_version', 9007199254740991)", url=empty_database)
         with page_on(browser, app) as page:
             nid = insert("Inserted at 2^53", "first", url=empty_database)
             shows(page, "Inserted at 2^53")
