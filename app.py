@@ -82,7 +82,7 @@ PING_EVERY = 15  # seconds without a frame before quiet streams get a ": ping"
 LOG_ROWS = 1000  # recently changed rows kept in memory, so resuming clients cost no query...
 LOG_BYTES = 16_000_000  # ...and at most this many bytes of them
 PAGE_ROWS = 500  # rows per read of the table, for the listener and for a catch-up...
-PAGE_BYTES = 2_000_000  # ...and about this many bytes of content, so big rows come fewer at once
+PAGE_BYTES = 2_000_000  # ...and about this many bytes of JSON, so big rows come fewer at once
 WRITE_SIZE = 65_536  # bytes of small frames joined into one write to a client
 NEWEST = 100  # live newsletters a new client gets before "ready"
 HERE = os.path.dirname(os.path.abspath(__file__))  # schema.sql, index.html and pgdata/ live here
@@ -249,22 +249,27 @@ def wake_up_pipe():
 wake_reader, wake_writer = wake_up_pipe()
 
 # The changes after a version, up to another, in version order: PAGE_ROWS at most, and only as
-# many rows as fit in PAGE_BYTES of content (but at least one), so memory stays bounded however
-# big the rows are. The page's versions are chosen first; JSON is built for those rows only.
+# many rows as fit in PAGE_BYTES of JSON (but at least one), so memory stays bounded however big
+# the rows are, and however their text escapes (a control character is 6 bytes of JSON).
 # live_rows() (schema.sql) is every live table's rows, in one version order: TABLE's, and any
-# other table made live on the same stream; each row says its table, size and JSON.
+# other table made live on the same stream; each row says its table, id, size (the length of its
+# JSON) and JSON. The page is a walk: from the version after, it takes the next change, one at a
+# time, while the page has room. A row past the page is never read, nor its JSON written.
 CHANGES_AFTER = """
-    WITH page AS (
-        SELECT version, sum(size) OVER (ORDER BY version) - size AS bytes_before
-        FROM live_rows()
-        WHERE version > %(after)s AND version <= %(upto)s
-        ORDER BY version
-        LIMIT %(rows)s
+    WITH RECURSIVE page (tbl, id, version, data, rows, bytes) AS (
+        SELECT NULL::text, NULL::bigint, %(after)s::bigint, NULL::text, 0, 0::bigint
+        UNION ALL
+        SELECT r.tbl, r.id, r.version, r.data, page.rows + 1, page.bytes + r.size
+        FROM page CROSS JOIN LATERAL (
+            SELECT min(version) AS version FROM live_rows()
+            WHERE version > page.version AND version <= %(upto)s
+        ) AS next
+        JOIN live_rows() AS r ON r.version = next.version
+        WHERE page.rows < %(rows)s AND page.bytes < %(bytes)s
     )
-    SELECT r.tbl, r.id, r.version, r.data AS json
-    FROM page JOIN live_rows() AS r USING (version)
-    WHERE page.bytes_before < %(bytes)s
-    ORDER BY r.version
+    SELECT tbl, id, version, data AS json FROM page
+    WHERE rows > 0
+    ORDER BY version
 """
 ANY_VERSION = 2**63 - 1  # the largest bigint: "up to any version"
 
@@ -327,7 +332,7 @@ def read_changes(conn):
         broadcast(batch)
         found = True
         # A page that stopped short of both limits was the last one. (One cut short by
-        # PAGE_BYTES holds at least that much content, and its frames are bigger still.)
+        # PAGE_BYTES holds at least that much JSON, and its frames are bigger still.)
         if len(rows) < PAGE_ROWS and len(batch) < PAGE_BYTES:
             break
     this_read.set()

@@ -2056,12 +2056,12 @@ def peak_rss(app):
         peak.kb = max(peak.kb, rss_kb(app))
 
 
-def stalled_stream(app):
-    """A client that asks for /events with a tiny receive buffer and never reads a byte of it."""
+def stalled_stream(app, path="/events"):
+    """A client that asks for path with a tiny receive buffer and never reads a byte of it."""
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     s.connect(("127.0.0.1", app.port))
-    s.sendall(b"GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    s.sendall(b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % path.encode())
     return s
 
 
@@ -2214,6 +2214,34 @@ def test_a_psql_session_holding_the_version_lock_gets_writes_a_503_and_piles_up_
         res = request("POST", "/newsletters", {"title": "After the lock", "content": "x"}, app=app)
         assert res.status == 201, res.json
         assert app_connections(name) <= POOL_SIZE + 1
+
+
+def test_twenty_clients_resuming_from_0_that_never_read_hold_a_page_each_sized_by_its_json(
+    empty_database,
+):
+    with open(os.path.join(HERE, "schema.sql")) as f:
+        psql(f.read(), url=empty_database)
+    # 200 KB of control characters: 1.2 MB as JSON, so a page holds two of them, not ten
+    psql(
+        "INSERT INTO newsletters (title, content)"
+        " SELECT 'Escaped ' || i, repeat(chr(1), 200000) FROM generate_series(1, 40) i",
+        url=empty_database,
+    )
+    with running_app(empty_database) as app:  # started after: the catch-ups read the table
+        before = rss_kb(app)
+        stalled = []
+        try:
+            with peak_rss(app) as peak:
+                stalled = [stalled_stream(app, "/events?since=0") for _ in range(20)]
+                eventually(
+                    lambda: all(unsent_to(app, s) > 100_000 for s in stalled),
+                    message="the 20 catch-ups never all got stuck",
+                )
+        finally:
+            for s in stalled:
+                s.close()
+    print(f"20 stalled catch-ups of 1.2 MB newsletters: the app grew by {peak.kb - before} KB")
+    assert peak.kb - before < 120_000  # pages of 2 MB of content would hold 12 MB each: 240 MB
 
 
 def post_chunked(app, pieces):
@@ -2548,10 +2576,11 @@ COMMENTS = """
         CALL make_live('comments', 'body');
         CREATE OR REPLACE FUNCTION live_rows()
         RETURNS TABLE (tbl text, id bigint, version bigint, size integer, data text) AS $$
-            SELECT 'newsletters', id, version, octet_length(content), newsletter_json(n)
+            SELECT 'newsletters', id, version, octet_length(newsletter_json(n)), newsletter_json(n)
             FROM newsletters AS n
             UNION ALL
-            SELECT 'comments', id, version, octet_length(body), comment_json(c) FROM comments AS c
+            SELECT 'comments', id, version, octet_length(comment_json(c)), comment_json(c)
+            FROM comments AS c
         $$ LANGUAGE sql STABLE;
 """
 
