@@ -37,6 +37,7 @@ import hmac
 import importlib.util
 import json
 import logging
+import operator
 import os
 import re
 import resource
@@ -82,7 +83,7 @@ PING_EVERY = 15  # seconds without a frame before quiet streams get a ": ping"
 LOG_ROWS = 1000  # recently changed rows kept in memory, so resuming clients cost no query...
 LOG_BYTES = 16_000_000  # ...and at most this many bytes of them
 PAGE_ROWS = 500  # rows per read of the table, for the listener and for a catch-up...
-PAGE_BYTES = 2_000_000  # ...and about this many bytes of JSON, so big rows come fewer at once
+PAGE_BYTES = 2_000_000  # ...and about this many bytes of JSON per read, the list and the first page
 WRITE_SIZE = 65_536  # bytes of small frames joined into one write to a client
 NEWEST = 100  # live newsletters a new client gets before "ready"
 HERE = os.path.dirname(os.path.abspath(__file__))  # schema.sql, index.html and pgdata/ live here
@@ -463,14 +464,33 @@ def frames_from_table(cursor, upto):
     return frames, rows[-1].version
 
 
+# The newest live rows of TABLE before an id, as of a version, newest first: at most a number of
+# rows, and only as many as fit in PAGE_BYTES of JSON (but at least one). A walk, as in
+# CHANGES_AFTER: down the ids, one live row at a time, while the page has room. The first page of
+# a new stream and each page of the list (GET /<TABLE>) are one of these.
 NEWEST_LIVE = f"""
-    SELECT * FROM (
-        SELECT version, {ROW_JSON}(t) AS json FROM {TABLE} AS t
-        WHERE NOT deleted AND version <= %s
-        ORDER BY id DESC LIMIT %s
-    ) AS newest
-    ORDER BY version
+    WITH RECURSIVE page (id, version, json, rows, bytes) AS (
+        SELECT %(before)s::bigint, NULL::bigint, NULL::text, 0, 0::bigint
+        UNION ALL
+        SELECT t.id, t.version, {ROW_JSON}(t), page.rows + 1,
+               page.bytes + octet_length({ROW_JSON}(t))
+        FROM page CROSS JOIN LATERAL (
+            SELECT max(id) AS id FROM {TABLE}
+            WHERE id < page.id AND NOT deleted AND version <= %(upto)s
+        ) AS next
+        JOIN {TABLE} AS t ON t.id = next.id
+        WHERE page.rows < %(rows)s AND page.bytes < %(bytes)s
+    )
+    SELECT id, version, json FROM page
+    WHERE rows > 0
+    ORDER BY id DESC
 """
+ANY_ID = 2**63 - 1  # the largest bigint: "before any id"
+
+
+def newest_live(before, upto, rows):
+    """The parameters of NEWEST_LIVE: up to rows live rows before an id, as of a version."""
+    return {"before": before, "upto": upto, "rows": rows, "bytes": PAGE_BYTES}
 
 
 def newest_page():
@@ -481,7 +501,10 @@ def newest_page():
         if first_page.version != latest_version:
             # Read once: the query yields, and latest_version may move meanwhile.
             version = latest_version
-            rows = query(NEWEST_LIVE, (version, NEWEST))
+            rows = query(NEWEST_LIVE, newest_live(ANY_ID, version, NEWEST))
+            # In version order, as the stream sends every change: a client cut off halfway
+            # resumes after the last version it got, and has every one before it.
+            rows.sort(key=operator.attrgetter("version"))
             frames = [sse_frame(row.version, TABLE.encode(), row.json) for row in rows]
             first_page = FirstPage(version, frames)
         return first_page
@@ -625,11 +648,8 @@ def list_newsletters():
         abort(400, "limit must be a whole number from 1 (at most 200 are sent)")
     if not re.fullmatch("[0-9]{1,18}", before):
         abort(400, "before must be an id")
-    rows = query(
-        f"SELECT {ROW_JSON}(t) AS json FROM {TABLE} AS t"
-        " WHERE NOT deleted AND id < %s ORDER BY id DESC LIMIT %s",
-        (int(before), min(int(limit), 200)),
-    )
+    # At most 200 rows, and about PAGE_BYTES of them: a short page need not be the last.
+    rows = query(NEWEST_LIVE, newest_live(int(before), ANY_VERSION, min(int(limit), 200)))
     # A JSON array of the rows' JSON, as PostgreSQL wrote it.
     return b"[" + b", ".join(row.json for row in rows) + b"]"
 
