@@ -184,6 +184,21 @@ def query(sql, params=()):
         pool.put(conn)
 
 
+# Reads take at most POOL_SIZE - 1 of the pool's connections at once: however many clients read,
+# a write always finds one free.
+readers = gevent.lock.BoundedSemaphore(POOL_SIZE - 1)
+
+
+def read_query(sql, params=()):
+    """query() for a statement that only reads: it leaves a connection for writes."""
+    if not readers.acquire(timeout=DB_TIMEOUT):
+        abort(503, "every database connection is busy; try again shortly")
+    try:
+        return query(sql, params)
+    finally:
+        readers.release()
+
+
 def first_line(error):
     """An exception's first line: enough for a log, never a traceback."""
     text = str(error).strip() or type(error).__name__
@@ -456,7 +471,7 @@ def frames_from_log(cursor):
 
 def frames_from_table(cursor, upto):
     """The frames of a page of changes after cursor and up to upto; and the page's last version."""
-    rows = query(CHANGES_AFTER, one_page(cursor, upto))
+    rows = read_query(CHANGES_AFTER, one_page(cursor, upto))
     if not rows:
         # Every row in between has changed again since: its newest state comes after upto.
         return [], upto
@@ -501,7 +516,7 @@ def newest_page():
         if first_page.version != latest_version:
             # Read once: the query yields, and latest_version may move meanwhile.
             version = latest_version
-            rows = query(NEWEST_LIVE, newest_live(ANY_ID, version, NEWEST))
+            rows = read_query(NEWEST_LIVE, newest_live(ANY_ID, version, NEWEST))
             # In version order, as the stream sends every change: a client cut off halfway
             # resumes after the last version it got, and has every one before it.
             rows.sort(key=operator.attrgetter("version"))
@@ -649,7 +664,7 @@ def list_newsletters():
     if not re.fullmatch("[0-9]{1,18}", before):
         abort(400, "before must be an id")
     # At most 200 rows, and about PAGE_BYTES of them: a short page need not be the last.
-    rows = query(NEWEST_LIVE, newest_live(int(before), ANY_VERSION, min(int(limit), 200)))
+    rows = read_query(NEWEST_LIVE, newest_live(int(before), ANY_VERSION, min(int(limit), 200)))
     # A JSON array of the rows' JSON, as PostgreSQL wrote it.
     return b"[" + b", ".join(row.json for row in rows) + b"]"
 
@@ -1383,12 +1398,14 @@ def be_worker(server, number, supervisor):
 
 def start_worker_state():
     """This worker's own pipe, pool, events and version: nothing made before the fork is shared."""
-    global wake_reader, wake_writer, pool, next_read, first_page_lock, latest_version, log_start
+    global wake_reader, wake_writer, pool, readers, next_read, first_page_lock
+    global latest_version, log_start
     # Another worker's listener would otherwise take the rings meant for this one's.
     os.close(wake_reader)
     os.close(wake_writer)
     wake_reader, wake_writer = wake_up_pipe()
     pool = gevent.queue.LifoQueue(items=[None] * POOL_SIZE)
+    readers = gevent.lock.BoundedSemaphore(POOL_SIZE - 1)
     next_read = gevent.event.Event()
     first_page_lock = gevent.lock.Semaphore()
     # A worker started again begins, like any new process, at the newest version; without the

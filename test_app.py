@@ -2237,6 +2237,15 @@ def big_newsletters(database):
         yield url
 
 
+def reads_under_way(name):
+    """The app's database sessions (PGAPPNAME=name) in the middle of a read of newsletters."""
+    return psql(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
+        " AND state <> 'idle' AND query LIKE '%%newsletter_json%%' AND query NOT ILIKE 'insert%%'",
+        name,
+    )[0][0]
+
+
 def test_a_new_client_gets_ready_over_a_hundred_newsletters_of_1_mib_of_control_characters(
     big_newsletters,
 ):
@@ -2271,6 +2280,48 @@ def test_a_page_of_the_list_stops_at_about_2_mb_with_at_least_one_row_and_costs_
         assert listed == [row[0] for row in live[:3]]
     print(f"a list of 200 over 1 MiB newsletters: the app grew by {peak.kb - before} KB")
     assert peak.kb - before < 100_000  # the 200 at once would be 1.2 GB of JSON
+
+
+def test_ten_clients_that_never_read_a_big_list_cost_little_and_leave_a_connection_for_writes(
+    big_newsletters,
+):
+    name = f"newsletter-reads-{os.getpid()}"
+    with running_app(big_newsletters, PGAPPNAME=name) as app:
+        request("GET", "/newsletters?limit=1", app=app)  # its first read, before we measure
+        before = rss_kb(app)
+        busy, stalled = [], []
+        done = threading.Event()
+
+        def sample():
+            while not done.wait(0.02):
+                busy.append(reads_under_way(name))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            with peak_rss(app) as peak:
+                stalled = [stalled_stream(app, "/newsletters?limit=200") for _ in range(10)]
+                # a write while the ten are read: a connection is left for it
+                written = request(
+                    "POST", "/newsletters", {"title": "Meanwhile", "content": "x"}, app=app
+                )
+                # stuck: each has more of its answer waiting than an error would be
+                eventually(
+                    lambda: all(unsent_to(app, s) > 100_000 for s in stalled),
+                    message="the ten lists never all got stuck on their way out",
+                )
+        finally:
+            done.set()
+            sampler.join()
+            for s in stalled:
+                s.close()
+        assert written.status == 201, written.json
+        psql("DELETE FROM newsletters WHERE id = %s", written.json["id"], url=big_newsletters)
+    print(f"10 stalled lists: the app grew by {peak.kb - before} KB; reads at once: {max(busy)}")
+    assert max(busy) <= POOL_SIZE - 1, busy
+    # each holds its answer (one 6 MB newsletter here) until it is sent: ten lists of 200 would
+    # hold 12 GB
+    assert peak.kb - before < 250_000
 
 
 def test_twenty_clients_resuming_from_0_that_never_read_hold_a_page_each_sized_by_its_json(
