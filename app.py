@@ -38,6 +38,7 @@ import importlib.util
 import io
 import json
 import logging
+import operator
 import os
 import re
 import resource
@@ -84,7 +85,7 @@ PING_EVERY = 15  # seconds without a frame before quiet streams get a ": ping"
 LOG_ROWS = 1000  # recently changed rows kept in memory, so resuming clients cost no query...
 LOG_BYTES = 16_000_000  # ...and at most this many bytes of them
 PAGE_ROWS = 500  # rows per read of the table, for the listener and for a catch-up...
-PAGE_BYTES = 2_000_000  # ...and about this many bytes of content, so big rows come fewer at once
+PAGE_BYTES = 2_000_000  # ...and about this many bytes of JSON per read, the list and the first page
 WRITE_SIZE = 65_536  # bytes of small frames joined into one write to a client
 NEWEST = 100  # live newsletters a new client gets before "ready"
 HERE = os.path.dirname(os.path.abspath(__file__))  # schema.sql, index.html and pgdata/ live here
@@ -215,6 +216,21 @@ def query(sql, params=()):
         pool.put(conn)
 
 
+# Reads take at most POOL_SIZE - 1 of the pool's connections at once: however many clients read,
+# a write always finds one free.
+readers = gevent.lock.BoundedSemaphore(POOL_SIZE - 1)
+
+
+def read_query(sql, params=()):
+    """query() for a statement that only reads: it leaves a connection for writes."""
+    if not readers.acquire(timeout=DB_TIMEOUT):
+        abort(503, "every database connection is busy; try again shortly")
+    try:
+        return query(sql, params)
+    finally:
+        readers.release()
+
+
 def first_line(error):
     """An exception's first line: enough for a log, never a traceback."""
     text = str(error).strip() or type(error).__name__
@@ -289,22 +305,27 @@ def wake_up_pipe():
 wake_reader, wake_writer = wake_up_pipe()
 
 # The changes after a version, up to another, in version order: PAGE_ROWS at most, and only as
-# many rows as fit in PAGE_BYTES of content (but at least one), so memory stays bounded however
-# big the rows are. The page's versions are chosen first; JSON is built for those rows only.
+# many rows as fit in PAGE_BYTES of JSON (but at least one), so memory stays bounded however big
+# the rows are, and however their text escapes (a control character is 6 bytes of JSON).
 # live_rows() (schema.sql) is every live table's rows, in one version order: TABLE's, and any
-# other table made live on the same stream; each row says its table, size and JSON.
+# other table made live on the same stream; each row says its table, id, size (the length of its
+# JSON) and JSON. The page is a walk: from the version after, it takes the next change, one at a
+# time, while the page has room. A row past the page is never read, nor its JSON written.
 CHANGES_AFTER = """
-    WITH page AS (
-        SELECT version, sum(size) OVER (ORDER BY version) - size AS bytes_before
-        FROM live_rows()
-        WHERE version > %(after)s AND version <= %(upto)s
-        ORDER BY version
-        LIMIT %(rows)s
+    WITH RECURSIVE page (tbl, id, version, data, rows, bytes) AS (
+        SELECT NULL::text, NULL::bigint, %(after)s::bigint, NULL::text, 0, 0::bigint
+        UNION ALL
+        SELECT r.tbl, r.id, r.version, r.data, page.rows + 1, page.bytes + r.size
+        FROM page CROSS JOIN LATERAL (
+            SELECT min(version) AS version FROM live_rows()
+            WHERE version > page.version AND version <= %(upto)s
+        ) AS next
+        JOIN live_rows() AS r ON r.version = next.version
+        WHERE page.rows < %(rows)s AND page.bytes < %(bytes)s
     )
-    SELECT r.tbl, r.id, r.version, r.data AS json
-    FROM page JOIN live_rows() AS r USING (version)
-    WHERE page.bytes_before < %(bytes)s
-    ORDER BY r.version
+    SELECT tbl, id, version, data AS json FROM page
+    WHERE rows > 0
+    ORDER BY version
 """
 ANY_VERSION = 2**63 - 1  # the largest bigint: "up to any version"
 
@@ -366,7 +387,7 @@ def read_changes(conn):
         broadcast(batch)
         found = True
         # A page that stopped short of both limits was the last one. (One cut short by
-        # PAGE_BYTES holds at least that much content, and its frames are bigger still.)
+        # PAGE_BYTES holds at least that much JSON, and its frames are bigger still.)
         if len(rows) < PAGE_ROWS and len(batch) < PAGE_BYTES:
             break
     this_read.set()
@@ -555,7 +576,7 @@ def frames_from_log(cursor):
 
 def frames_from_table(cursor, upto):
     """The frames of a page of changes after cursor and up to upto; and the page's last version."""
-    rows = query(CHANGES_AFTER, one_page(cursor, upto))
+    rows = read_query(CHANGES_AFTER, one_page(cursor, upto))
     if not rows:
         # Every row in between has changed again since: its newest state comes after upto.
         return [], upto
@@ -563,14 +584,33 @@ def frames_from_table(cursor, upto):
     return frames, rows[-1].version
 
 
+# The newest live rows of TABLE before an id, as of a version, newest first: at most a number of
+# rows, and only as many as fit in PAGE_BYTES of JSON (but at least one). A walk, as in
+# CHANGES_AFTER: down the ids, one live row at a time, while the page has room. The first page of
+# a new stream and each page of the list (GET /<TABLE>) are one of these.
 NEWEST_LIVE = f"""
-    SELECT * FROM (
-        SELECT version, {ROW_JSON}(t) AS json FROM {TABLE} AS t
-        WHERE NOT deleted AND version <= %s
-        ORDER BY id DESC LIMIT %s
-    ) AS newest
-    ORDER BY version
+    WITH RECURSIVE page (id, version, json, rows, bytes) AS (
+        SELECT %(before)s::bigint, NULL::bigint, NULL::text, 0, 0::bigint
+        UNION ALL
+        SELECT t.id, t.version, {ROW_JSON}(t), page.rows + 1,
+               page.bytes + octet_length({ROW_JSON}(t))
+        FROM page CROSS JOIN LATERAL (
+            SELECT max(id) AS id FROM {TABLE}
+            WHERE id < page.id AND NOT deleted AND version <= %(upto)s
+        ) AS next
+        JOIN {TABLE} AS t ON t.id = next.id
+        WHERE page.rows < %(rows)s AND page.bytes < %(bytes)s
+    )
+    SELECT id, version, json FROM page
+    WHERE rows > 0
+    ORDER BY id DESC
 """
+ANY_ID = 2**63 - 1  # the largest bigint: "before any id"
+
+
+def newest_live(before, upto, rows):
+    """The parameters of NEWEST_LIVE: up to rows live rows before an id, as of a version."""
+    return {"before": before, "upto": upto, "rows": rows, "bytes": PAGE_BYTES}
 
 
 def newest_page():
@@ -581,7 +621,10 @@ def newest_page():
         if first_page.version != latest_version:
             # Read once: the query yields, and latest_version may move meanwhile.
             version = latest_version
-            rows = query(NEWEST_LIVE, (version, NEWEST))
+            rows = read_query(NEWEST_LIVE, newest_live(ANY_ID, version, NEWEST))
+            # In version order, as the stream sends every change: a client cut off halfway
+            # resumes after the last version it got, and has every one before it.
+            rows.sort(key=operator.attrgetter("version"))
             frames = [sse_frame(row.version, TABLE.encode(), row.json) for row in rows]
             first_page = FirstPage(version, frames)
         return first_page
@@ -723,16 +766,13 @@ def list_newsletters():
     if not re.fullmatch("[0-9]{1,4}", limit) or int(limit) == 0:
         abort(400, "limit must be a whole number from 1 (at most 200 are sent)")
     # Ids are bigints: the newest one to list is below before, and at most the largest bigint.
-    newest = ANY_VERSION
+    newest = ANY_ID
     if before:
         if not re.fullmatch("[0-9]{1,19}", before):
             abort(400, "before must be an id")
-        newest = min(int(before) - 1, ANY_VERSION)
-    rows = query(
-        f"SELECT {ROW_JSON}(t) AS json FROM {TABLE} AS t"
-        " WHERE NOT deleted AND id <= %s ORDER BY id DESC LIMIT %s",
-        (newest, min(int(limit), 200)),
-    )
+        newest = min(int(before) - 1, ANY_ID)
+    # At most 200 rows, and about PAGE_BYTES of them: a short page need not be the last.
+    rows = read_query(NEWEST_LIVE, newest_live(newest + 1, ANY_VERSION, min(int(limit), 200)))
     # A JSON array of the rows' JSON, as PostgreSQL wrote it.
     return b"[" + b", ".join(row.json for row in rows) + b"]"
 
@@ -1650,12 +1690,14 @@ def be_worker(server, number, supervisor):
 
 def start_worker_state():
     """This worker's own pipe, pool, events and version: nothing made before the fork is shared."""
-    global wake_reader, wake_writer, pool, next_read, first_page_lock, latest_version, log_start
+    global wake_reader, wake_writer, pool, readers, next_read, first_page_lock
+    global latest_version, log_start
     # Another worker's listener would otherwise take the rings meant for this one's.
     os.close(wake_reader)
     os.close(wake_writer)
     wake_reader, wake_writer = wake_up_pipe()
     pool = gevent.queue.LifoQueue(items=[None] * POOL_SIZE)
+    readers = gevent.lock.BoundedSemaphore(POOL_SIZE - 1)
     next_read = gevent.event.Event()
     first_page_lock = gevent.lock.Semaphore()
     # A worker started again begins, like any new process, at the newest version; without the

@@ -157,11 +157,12 @@ CALL make_live('newsletters', 'title', 'content');
 
 -- What the change stream reads (app.py's CHANGES_AFTER): every live table's rows, one SELECT per
 -- table joined by UNION ALL. Each says its table (the SSE event name, which the page's
--- addEventListener names), its id, its version, its size (the column that makes a row big: a
--- read of the stream takes about PAGE_BYTES of it) and its JSON, the SSE event's data.
+-- addEventListener names), its id, its version, its size (the length of its JSON, as sent: a read
+-- of the stream takes about PAGE_BYTES of it) and its JSON, the SSE event's data.
 CREATE OR REPLACE FUNCTION live_rows()
 RETURNS TABLE (tbl text, id bigint, version bigint, size integer, data text) AS $$
-    SELECT 'newsletters', id, version, octet_length(content), newsletter_json(n) FROM newsletters AS n
+    SELECT 'newsletters', id, version, octet_length(newsletter_json(n)), newsletter_json(n)
+    FROM newsletters AS n
 $$ LANGUAGE sql STABLE;
 
 -- ==== end of your table =======================================================================

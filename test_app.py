@@ -2058,12 +2058,12 @@ def peak_rss(app):
         peak.kb = max(peak.kb, rss_kb(app))
 
 
-def stalled_stream(app):
-    """A client that asks for /events with a tiny receive buffer and never reads a byte of it."""
+def stalled_stream(app, path="/events"):
+    """A client that asks for path with a tiny receive buffer and never reads a byte of it."""
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     s.connect(("127.0.0.1", app.port))
-    s.sendall(b"GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    s.sendall(b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % path.encode())
     return s
 
 
@@ -2104,7 +2104,7 @@ def json_error(answer):
     return body["error"]
 
 
-def test_forty_clients_that_never_read_twenty_1_mb_newsletters_cost_the_app_little_memory(
+def test_forty_clients_that_never_read_a_first_page_of_1_mb_newsletters_cost_the_app_little_memory(
     empty_database,
 ):
     with running_app(empty_database) as app:
@@ -2117,7 +2117,7 @@ def test_forty_clients_that_never_read_twenty_1_mb_newsletters_cost_the_app_litt
         caught_up(app, empty_database)
         with listen(app) as reader:  # the shared first page is built once, before we measure
             catch_up, _ = reader.ready()
-        assert len(catch_up) == 20
+        assert len(catch_up) == 2  # about 2 MB of them: the newest two
         stalled = []
         try:
             with peak_rss(app) as peak:
@@ -2134,12 +2134,12 @@ def test_forty_clients_that_never_read_twenty_1_mb_newsletters_cost_the_app_litt
                 )
             assert open_streams(app) >= 40  # still connected: held, not dropped
             with listen(app) as another:  # and nobody else is held up
-                assert len(another.ready()[0]) == 20
+                assert len(another.ready()[0]) == 2
         finally:
             for s in stalled:
                 s.close()
-    print(f"40 stalled clients x 20 MB: the app grew by {peak.kb - before} KB")
-    assert peak.kb - before < 100_000  # 40 copies of the catch-up would be 800 MB
+    print(f"40 stalled clients x a 2 MB first page: the app grew by {peak.kb - before} KB")
+    assert peak.kb - before < 40_000  # 40 copies of the first page would be 80 MB
 
 
 def test_a_client_resuming_from_0_gets_200_newsletters_of_1_mb_while_the_app_stays_small(
@@ -2216,6 +2216,169 @@ def test_a_psql_session_holding_the_version_lock_gets_writes_a_503_and_piles_up_
         res = request("POST", "/newsletters", {"title": "After the lock", "content": "x"}, app=app)
         assert res.status == 201, res.json
         assert app_connections(name) <= POOL_SIZE + 2
+
+
+# Newsletters of 1 MiB of control characters: each is 6 MB as JSON ("\u0001" for each byte), and
+# as an SSE frame. The app cuts its pages at about 2 MB of that JSON, never fewer than one row.
+MIB = 1_048_576  # the most content a newsletter may have (schema.sql)
+
+
+@pytest.fixture(scope="module")
+def big_newsletters(database):
+    """A database of 100 newsletters of 1 MiB of control characters, "Big 001" to "Big 100"."""
+    with new_database(f"newsletter_big_{os.getpid()}") as url:
+        with open(os.path.join(HERE, "schema.sql")) as f:
+            psql(f.read(), url=url)
+        psql(
+            "INSERT INTO newsletters (title, content)"
+            " SELECT 'Big ' || lpad(i::text, 3, '0'), repeat(chr(1), %s)"
+            " FROM generate_series(1, 100) i",
+            MIB,
+            url=url,
+        )
+        yield url
+
+
+def reads_under_way(name):
+    """The app's database sessions (PGAPPNAME=name) in the middle of a read of newsletters."""
+    return psql(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
+        " AND state <> 'idle' AND query LIKE '%%newsletter_json%%' AND query NOT ILIKE 'insert%%'",
+        name,
+    )[0][0]
+
+
+def test_a_new_client_gets_ready_over_a_hundred_newsletters_of_1_mib_of_control_characters(
+    big_newsletters,
+):
+    with running_app(big_newsletters) as app:
+        for _ in range(2):  # the first page read from the table, then the one kept for all
+            with listen(app) as stream:
+                first_page, version = stream.ready()
+            # 6 MB of JSON: past 2 MB at once, so the newest alone, never none
+            assert [row["title"] for row in first_page] == ["Big 100"]
+            assert first_page[0]["content"] == "\x01" * MIB
+            assert version == newest_version(big_newsletters)
+
+
+def test_a_page_of_the_list_stops_at_about_2_mb_with_at_least_one_row_and_costs_little_memory(
+    big_newsletters,
+):
+    live = psql(
+        "SELECT id, title FROM newsletters WHERE NOT deleted ORDER BY id DESC", url=big_newsletters
+    )
+    with running_app(big_newsletters) as app:
+        before = rss_kb(app)
+        with peak_rss(app) as peak:
+            res = request("GET", "/newsletters?limit=200", app=app)
+        assert res.status == 200, res.json
+        assert [(row["id"], row["title"]) for row in res.json] == live[:1]
+        # A short page is not the last: each next one goes on from its last id.
+        listed = [row["id"] for row in res.json]
+        for _ in range(2):
+            res = request("GET", f"/newsletters?limit=200&before={listed[-1]}", app=app)
+            assert res.status == 200 and len(res.json) == 1, res.json
+            listed.append(res.json[0]["id"])
+        assert listed == [row[0] for row in live[:3]]
+    print(f"a list of 200 over 1 MiB newsletters: the app grew by {peak.kb - before} KB")
+    assert peak.kb - before < 100_000  # the 200 at once would be 1.2 GB of JSON
+
+
+def test_ten_clients_that_never_read_a_big_list_cost_little_and_leave_a_connection_for_writes(
+    big_newsletters,
+):
+    name = f"newsletter-reads-{os.getpid()}"
+    with running_app(big_newsletters, PGAPPNAME=name) as app:
+        request("GET", "/newsletters?limit=1", app=app)  # its first read, before we measure
+        before = rss_kb(app)
+        busy, stalled = [], []
+        done = threading.Event()
+
+        def sample():
+            while not done.wait(0.02):
+                busy.append(reads_under_way(name))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            with peak_rss(app) as peak:
+                stalled = [stalled_stream(app, "/newsletters?limit=200") for _ in range(10)]
+                # a write while the ten are read: a connection is left for it
+                written = request(
+                    "POST", "/newsletters", {"title": "Meanwhile", "content": "x"}, app=app
+                )
+                # stuck: each has more of its answer waiting than an error would be
+                eventually(
+                    lambda: all(unsent_to(app, s) > 100_000 for s in stalled),
+                    message="the ten lists never all got stuck on their way out",
+                )
+        finally:
+            done.set()
+            sampler.join()
+            for s in stalled:
+                s.close()
+        assert written.status == 201, written.json
+        psql("DELETE FROM newsletters WHERE id = %s", written.json["id"], url=big_newsletters)
+    print(f"10 stalled lists: the app grew by {peak.kb - before} KB; reads at once: {max(busy)}")
+    assert max(busy) <= POOL_SIZE - 1, busy
+    # each holds its answer (one 6 MB newsletter here) until it is sent: ten lists of 200 would
+    # hold 12 GB
+    assert peak.kb - before < 250_000
+
+
+def test_twenty_clients_resuming_from_0_that_never_read_hold_a_page_each_sized_by_its_json(
+    empty_database,
+):
+    with open(os.path.join(HERE, "schema.sql")) as f:
+        psql(f.read(), url=empty_database)
+    # 200 KB of control characters: 1.2 MB as JSON, so a page holds two of them, not ten
+    psql(
+        "INSERT INTO newsletters (title, content)"
+        " SELECT 'Escaped ' || i, repeat(chr(1), 200000) FROM generate_series(1, 40) i",
+        url=empty_database,
+    )
+    with running_app(empty_database) as app:  # started after: the catch-ups read the table
+        before = rss_kb(app)
+        stalled = []
+        try:
+            with peak_rss(app) as peak:
+                stalled = [stalled_stream(app, "/events?since=0") for _ in range(20)]
+                eventually(
+                    lambda: all(unsent_to(app, s) > 100_000 for s in stalled),
+                    message="the 20 catch-ups never all got stuck",
+                )
+        finally:
+            for s in stalled:
+                s.close()
+    print(f"20 stalled catch-ups of 1.2 MB newsletters: the app grew by {peak.kb - before} KB")
+    assert peak.kb - before < 120_000  # pages of 2 MB of content would hold 12 MB each: 240 MB
+
+
+def test_a_first_page_cut_short_by_big_newsletters_still_offers_older_ones_to_the_last(
+    browser, empty_database
+):
+    with running_app(empty_database) as app:
+        # 1 MB each: about 2 MB is two of them, on the first page and on each older page
+        psql(
+            "INSERT INTO newsletters (title, content)"
+            " SELECT 'Long read ' || i, repeat('news ', 200000) FROM generate_series(1, 6) i",
+            url=empty_database,
+        )
+        caught_up(app, empty_database)
+        with page_on(browser, app) as page:
+            shows(page, "Long read 6")
+            shows(page, "Long read 5")
+            older = page.get_by_role("button", name="Older newsletters")
+            older.wait_for()
+            assert card(page, "Long read 4").count() == 0
+            older.click()
+            shows(page, "Long read 3")  # a short page, and yet not the last
+            older.wait_for()
+            older.click()
+            shows(page, "Long read 1")
+            older.wait_for(state="hidden")
+            assert page.locator("article").count() == 6
+            assert page.problems == []
 
 
 def post_chunked(app, pieces):
@@ -2884,10 +3047,11 @@ COMMENTS = """
         CALL make_live('comments', 'body');
         CREATE OR REPLACE FUNCTION live_rows()
         RETURNS TABLE (tbl text, id bigint, version bigint, size integer, data text) AS $$
-            SELECT 'newsletters', id, version, octet_length(content), newsletter_json(n)
+            SELECT 'newsletters', id, version, octet_length(newsletter_json(n)), newsletter_json(n)
             FROM newsletters AS n
             UNION ALL
-            SELECT 'comments', id, version, octet_length(body), comment_json(c) FROM comments AS c
+            SELECT 'comments', id, version, octet_length(comment_json(c)), comment_json(c)
+            FROM comments AS c
         $$ LANGUAGE sql STABLE;
 """
 
