@@ -765,14 +765,14 @@ def list_newsletters():
     before = request.query.before
     if not re.fullmatch("[0-9]{1,4}", limit) or int(limit) == 0:
         abort(400, "limit must be a whole number from 1 (at most 200 are sent)")
-    # Ids are bigints: the newest one to list is below before, and at most the largest bigint.
-    newest = ANY_ID
+    # Ids are bigints: a before beyond the largest one is "before any id".
+    before_id = ANY_ID
     if before:
         if not re.fullmatch("[0-9]{1,19}", before):
             abort(400, "before must be an id")
-        newest = min(int(before) - 1, ANY_ID)
+        before_id = min(int(before), ANY_ID)
     # At most 200 rows, and about PAGE_BYTES of them: a short page need not be the last.
-    rows = read_query(NEWEST_LIVE, newest_live(newest + 1, ANY_VERSION, min(int(limit), 200)))
+    rows = read_query(NEWEST_LIVE, newest_live(before_id, ANY_VERSION, min(int(limit), 200)))
     # A JSON array of the rows' JSON, as PostgreSQL wrote it.
     return b"[" + b", ".join(row.json for row in rows) + b"]"
 
