@@ -5,8 +5,8 @@ How a change travels, and the functions it passes through:
   -> schema.sql: the trigger live_stamp() gives the row a version, in commit order, and
      live_notify() rings NOTIFY live_changes, with no payload: it is only a doorbell
   -> listen(): this process's one LISTEN connection; wait_for_doorbell() hears the ring
-  -> read_changes(): every row changed after latest_version, read from the table (the truth),
-     each row framed once as a Server-Sent Event by sse_frame()
+  -> read_changes(): every row changed after latest_version, read from the table (the truth) on
+     a second connection, each row framed once as a Server-Sent Event by sse_frame()
   -> remember() keeps the frame in a small in-memory log, for streams that are behind, and
      broadcast() writes it to every stream that is caught up ("parked"): one write each
   -> events() and stream_changes(): one browser's stream; a new or resuming one first sends its
@@ -37,6 +37,7 @@ import contextlib
 import gc
 import hmac
 import importlib.util
+import io
 import json
 import logging
 import os
@@ -62,7 +63,7 @@ import psycopg2.errors
 import psycopg2.extensions
 import psycopg2.extras
 from bottle import abort, request, response
-from gevent.pywsgi import WSGIHandler, WSGIServer
+from gevent.pywsgi import MAX_REQUEST_LINE, WSGIHandler, WSGIServer
 from psycopg2.extensions import POLL_OK, POLL_READ, POLL_WRITE
 
 # ---- configuration ---------------------------------------------------------------------------
@@ -74,13 +75,14 @@ CHANNEL = "live_changes"  # the doorbell of every live table (schema.sql's live_
 
 # The lesson's knobs.
 DATABASE_URL = os.environ.get("DATABASE_URL", "")  # unset: see open_database()
+LISTEN_DATABASE_URL = os.environ.get("LISTEN_DATABASE_URL", "")  # unset: DATABASE_URL; see listen()
 HOST = os.environ.get("HOST", "127.0.0.1")  # 0.0.0.0 to serve other machines
 PORT = os.environ.get("PORT", "8000")  # a number from 1 to 65535
 WORKERS = os.environ.get("WORKERS", "1")  # server processes sharing the port: up to one per core
 KEEP_TOMBSTONES = os.environ.get("KEEP_TOMBSTONES", "2592000")  # seconds a tombstone stays: 30 days
-POOL_SIZE = 4  # connections for request handlers; the listener holds one more
+POOL_SIZE = 4  # connections for request handlers; the listener holds two more (listen, read)
 DB_TIMEOUT = 5  # seconds a database round trip may take before the connection counts as dead
-CHECK_EVERY = 15  # seconds the listener waits for a NOTIFY before it reads anyway
+CHECK_EVERY = os.environ.get("CHECK_EVERY", "15")  # seconds between the listener's own checks
 PING_EVERY = 15  # seconds without a frame before quiet streams get a ": ping"
 LOG_ROWS = 1000  # recently changed rows kept in memory, so resuming clients cost no query...
 LOG_BYTES = 16_000_000  # ...and at most this many bytes of them
@@ -97,9 +99,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))  # schema.sql, index.html and 
 # Bounds for slow or hostile clients (see the hardening sections at the end).
 WRITE_TOKEN = os.environ.get("WRITE_TOKEN", "")  # set: writes need "Authorization: Bearer <it>"
 ALLOWED_HOSTS = os.environ.get("ALLOWED_HOSTS", "")  # more Host names to answer, comma-separated
-CLIENT_TIMEOUT = 30  # seconds a client may take to accept a write or send a body
+CLIENT_TIMEOUT = 30  # seconds a client may take to accept a write, or to send a body in all
 HEAD_TIMEOUT = 10  # seconds a client may take to send a request line and headers, in all
+MAX_HEAD = 16_384  # bytes of request line and headers, in all (431 beyond)
 MAX_BODY = 1_150_000  # bytes of request body: room for 1 MiB of content (schema.sql) and JSON
+# Per client address, 429 beyond; 0 for no limit. Behind a proxy every client has the proxy's
+# address: set both to 0 there, and let the proxy limit each client.
+CLIENT_CONNECTIONS = os.environ.get("CLIENT_CONNECTIONS", "5000")  # connections open at once
+CLIENT_CONNECTS = os.environ.get("CLIENT_CONNECTS", "5000")  # connections opened in one second
+STREAM_BUFFER = 65_536  # bytes the kernel holds for a stream's client (SO_SNDBUF; Linux doubles it)
+ACCEPT_BURST = 10  # connections accepted in a row before other greenlets run again
 
 
 # ---- database --------------------------------------------------------------------------------
@@ -131,18 +140,44 @@ psycopg2.extensions.set_wait_callback(wait)
 psycopg2.extensions.register_type(psycopg2.extensions.BYTES)
 
 
-def connect():
-    """A new connection, whose statements the server itself gives up on just before we would."""
-    # A statement stuck behind a lock (a psql session that holds the version lock) is then
-    # cancelled by PostgreSQL, so its session ends with our request instead of piling up.
-    server_timeout_ms = DB_TIMEOUT * 1000 - 500
-    return psycopg2.connect(
-        database_url,
+def connect(dsn):
+    """A new connection to dsn, which keeps at most one notification however many arrive."""
+    conn = psycopg2.connect(
+        dsn,
         fallback_application_name="newsletter",
-        options=f"-c statement_timeout={server_timeout_ms} -c lock_timeout={server_timeout_ms}",
         # Rows as named tuples: row.version, row.json.
         cursor_factory=psycopg2.extras.NamedTupleCursor,
     )
+    # psycopg2 keeps every notification in conn.notifies until someone clears the list, and
+    # NOTIFY needs no privilege: any role that can connect could flood it into gigabytes. The
+    # doorbell carries nothing; whether it rang is all the listener asks (wait_for_doorbell).
+    conn.notifies = collections.deque(maxlen=1)
+    return conn
+
+
+def listen_url():
+    """The listener's connection string: LISTEN_DATABASE_URL, else the app's own database."""
+    return LISTEN_DATABASE_URL or database_url
+
+
+# Each transaction bounds its own waits, so that the server gives up on a statement just before
+# we would: one stuck behind a lock (a psql session that holds the version lock) is cancelled by
+# PostgreSQL, and its session ends with our request instead of piling up. SET LOCAL lasts until
+# the transaction ends, which is what a pooler in transaction mode (PgBouncer) needs: it hands
+# the server session to another client after each transaction, and refuses settings at connect.
+SERVER_TIMEOUT_MS = DB_TIMEOUT * 1000 - 500
+BOUNDED = (
+    f"SET LOCAL statement_timeout = {SERVER_TIMEOUT_MS};"
+    f" SET LOCAL lock_timeout = {SERVER_TIMEOUT_MS}; "
+)
+
+
+def in_transaction(conn, sql, params=()):
+    """All rows of one statement, in a transaction of its own on conn, its waits bounded."""
+    # The with block commits, or rolls back on an error. The SETs go in the same round trip.
+    with conn, conn.cursor() as cur:
+        cur.execute(BOUNDED + sql, params)
+        return cur.fetchall()
 
 
 def hung_up(conn):
@@ -164,7 +199,7 @@ def usable(conn):
     if conn is not None and hung_up(conn):
         conn.close()
     if conn is None or conn.closed:
-        conn = connect()
+        conn = connect(database_url)
     return conn
 
 
@@ -176,10 +211,7 @@ def query(sql, params=()):
         abort(503, "every database connection is busy; try again shortly")
     try:
         conn = usable(conn)
-        # The with block commits, or rolls back on an error.
-        with conn, conn.cursor() as cur:
-            cur.execute(sql, params)
-            return cur.fetchall()
+        return in_transaction(conn, sql, params)
     except (psycopg2.Error, ValueError) as error:
         # A rule of the table, a busy table, a lost database: each its own 4xx or 503.
         refuse_for_database_error(error, conn)
@@ -218,8 +250,12 @@ def apply_schema():
     with open(os.path.join(HERE, "schema.sql")) as f:
         schema = f.read()
     # closing() closes the connection; `with conn` is one transaction, committed at the end.
-    with contextlib.closing(connect()) as conn, conn, conn.cursor() as cur:
-        cur.execute(schema)
+    with contextlib.closing(connect(database_url)) as conn, conn, conn.cursor() as cur:
+        # A standby (after a failover, stale DNS may still name the old primary) cannot be
+        # written to, and has the primary's schema already: start, and let the listener say so.
+        cur.execute("SELECT pg_is_in_recovery() AS standby")
+        if not cur.fetchone().standby:
+            cur.execute(BOUNDED + schema)
         # app.py's names must be schema.sql's: a mismatch is said now, not at the first request.
         cur.execute(f"SELECT {ROW_JSON}(t) FROM {TABLE} AS t LIMIT 0")
         cur.execute(WHERE_TO_START, {"rows": LOG_ROWS, "bytes": LOG_BYTES})
@@ -254,7 +290,11 @@ recent_bytes = 0  # remember: the size of the frames in recent
 log_start = 0  # remember: recent holds every change after this version; older ones are in the table
 horizon = 0  # read_changes: a cursor below this version cannot be continued exactly (schema.sql)...
 horizon_reason = ""  # ...and why: the reason its stream's "reset" gives
-listening = False  # listen: whether the listener is connected (/healthz says 503 while not)
+NOT_YET = "has not heard its doorbell yet"
+listener_trouble = NOT_YET  # listen: what keeps it from hearing its doorbell; "" while nothing
+last_read_at = time.monotonic()  # read_changes: when the listener last finished a read of the table
+rang_at = None  # hear_and_read: when it rang its own doorbell, while it has heard no ring since
+queue_usage = None  # ring_own_doorbell: how full NOTIFY's queue is, from 0 to 1 (/healthz says it)
 parked = {}  # stream_changes and broadcast: socket descriptor -> Parked, the caught-up streams
 open_streams = 0  # stream_changes: browsers connected to /events, parked or not
 last_frame_at = time.monotonic()  # broadcast: when parked streams were last sent a frame or ping
@@ -341,13 +381,14 @@ def remember(row, change):
 
 def read_changes(conn):
     """Read every change after latest_version, a page at a time: log it, send it; any found?"""
-    global latest_version, next_read
+    global latest_version, next_read, last_read_at
     # Streams waiting for a read that starts after they arrived wait for this one (see
     # request_a_fresh_read); streams that arrive from now on wait for the next.
     this_read = next_read
     next_read = gevent.event.Event()
     found = False
     rows = read_position_and_changes(conn)
+    last_read_at = time.monotonic()
     while rows:
         frames = []
         for row in rows:
@@ -364,9 +405,8 @@ def read_changes(conn):
         # PAGE_BYTES holds at least that much content, and its frames are bigger still.)
         if len(rows) < PAGE_ROWS and len(batch) < PAGE_BYTES:
             break
-        with conn.cursor() as cur:
-            cur.execute(CHANGES_AFTER, one_page(latest_version, ANY_VERSION))
-            rows = cur.fetchall()
+        rows = in_transaction(conn, CHANGES_AFTER, one_page(latest_version, ANY_VERSION))
+        last_read_at = time.monotonic()
     this_read.set()
     return found
 
@@ -375,16 +415,13 @@ def read_position_and_changes(conn):
     """The first page of changes after latest_version, once the streams' history can go on."""
     global horizon, horizon_reason
     while True:
-        with conn.cursor() as cur:
-            cur.execute(POSITION_AND_CHANGES, one_page(latest_version, ANY_VERSION))
-            rows = cur.fetchall()
+        rows = in_transaction(conn, POSITION_AND_CHANGES, one_page(latest_version, ANY_VERSION))
         where = rows[0]
         if where.drawn < max(latest_version, where.horizon):
             # The version clock went back: a restored database, a restarted sequence. New writes
             # would hide below versions already sent. live_restored() moves the clock on past
             # them, and the horizon with it: the next turn starts every stream over.
-            with conn.cursor() as cur:
-                cur.execute("CALL live_restored(%s)", (latest_version,))
+            in_transaction(conn, "SELECT live_restored(%s)", (latest_version,))
         elif where.horizon > latest_version:
             # Versions this process never read are gone (a TRUNCATE, or tombstones purged before
             # it read them): no stream can go on exactly. Then read again, after the horizon.
@@ -437,13 +474,9 @@ def purge_old_tombstones(conn):
     # A retention shorter than PURGE_EVERY (a test's) is purged as often as it asks.
     next_purge = time.monotonic() + min(PURGE_EVERY, int(KEEP_TOMBSTONES))
     try:
-        with conn.cursor() as cur:
-            # schema.sql's live_purge(): each purge moves the horizon, and rings the doorbell.
-            cur.execute(
-                "SELECT live_purge(make_interval(secs => %s), %s) AS purged",
-                (int(KEEP_TOMBSTONES), PURGE_ROWS),
-            )
-            purged = cur.fetchone().purged
+        # schema.sql's live_purge(): each purge moves the horizon, and rings the doorbell.
+        sql = "SELECT live_purge(make_interval(secs => %s), %s) AS purged"
+        purged = in_transaction(conn, sql, (int(KEEP_TOMBSTONES), PURGE_ROWS))[0].purged
     except psycopg2.Error as e:
         # A lost connection is the listener's to handle; anything else waits for the next turn.
         if conn.closed:
@@ -466,51 +499,117 @@ def empty_the_pipe():
             return
 
 
-def wait_for_doorbell(conn):
-    """Wait for a NOTIFY, for a stream that asks for a read, or for CHECK_EVERY seconds."""
+def wait_for_doorbell(conn, timeout):
+    """Wait for a NOTIFY, for a stream that asks for a read, or timeout seconds; did it ring?"""
     # The LISTEN loop of psycopg2's docs, "Asynchronous notifications"
     # (https://www.psycopg.org/docs/advanced.html#asynchronous-notifications): wait until the
     # connection is readable, poll() it, and take what arrived from conn.notifies.
-    # The timeout is a safety net: a missed NOTIFY is read at most CHECK_EVERY seconds late, and
-    # the read after it proves the connection is still alive.
     doorbells = select.poll()
     doorbells.register(conn, select.POLLIN)
     doorbells.register(wake_reader, select.POLLIN)
-    doorbells.poll(CHECK_EVERY * 1000)
+    doorbells.poll(max(timeout, 0) * 1000)
     # The table is the truth: however many rings arrived, one read follows.
     conn.poll()
+    rang = len(conn.notifies) > 0
     conn.notifies.clear()
     empty_the_pipe()
+    return rang
+
+
+def ring_own_doorbell(conn):
+    """NOTIFY as any writer would, from the reading connection; note how full the queue is."""
+    global queue_usage
+    # Every commit that notifies appends to one queue, 8 GB at most, which each listening
+    # session must read to the end: when it is full, every notifying commit in the database
+    # fails. pg_notification_queue_usage() says how full it is, from 0 to 1.
+    rows = in_transaction(
+        conn, "SELECT pg_notify(%s, ''), pg_notification_queue_usage() AS usage", (CHANNEL,)
+    )
+    queue_usage = rows[0].usage
+
+
+def hear_and_read(conn, reader):
+    """Read the table at every ring, and ring it ourselves every CHECK_EVERY; return if unheard."""
+    global listener_trouble, rang_at
+    # The check: ring our own doorbell through the app's database (a pooler, maybe), and expect
+    # to hear a ring within DB_TIMEOUT. A LISTEN that hears nothing (through a pooler in
+    # transaction mode, on a standby, on a silently dropped connection) is found out so, and the
+    # read after the ring means a missed NOTIFY is read at most CHECK_EVERY seconds late.
+    rang_at = None
+    check_at = 0  # when to ring next: at once, then every CHECK_EVERY seconds
+    while True:
+        # The first read comes right after LISTEN: a change committed in between is
+        # read now, or rings the doorbell later.
+        found = read_changes(reader)
+        if not found:
+            ping_quiet_streams()
+        purge_old_tombstones(reader)
+        now = time.monotonic()
+        if rang_at is not None and now >= rang_at + DB_TIMEOUT:
+            # Unheard. A dead connection fails this within DB_TIMEOUT (and listen() says so);
+            # one that answers is deaf.
+            conn.cursor().execute("SELECT 1")
+            return
+        if rang_at is None and now >= check_at:
+            ring_own_doorbell(reader)
+            rang_at = now
+            check_at = now + int(CHECK_EVERY)
+        wait_until = check_at
+        if rang_at is not None:
+            wait_until = rang_at + DB_TIMEOUT
+        if wait_for_doorbell(conn, wait_until - time.monotonic()):
+            # Any ring will do: this LISTEN hears.
+            rang_at = None
+            if listener_trouble and listener_trouble != NOT_YET:
+                logging.info("listener hears its doorbell again (%s)", where(listen_url()))
+            listener_trouble = ""
+
+
+def is_standby(conn):
+    """Whether conn reached a standby, where LISTEN fails, or would hear nothing."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_is_in_recovery() AS standby")
+        return cur.fetchone().standby
 
 
 def listen():
     """Forever: connect, LISTEN, read what changed, wait for the doorbell, read again."""
-    global listening
+    global listener_trouble
     delay = 0.5
     while True:
+        url = listen_url()
         try:
-            with contextlib.closing(connect()) as conn:
+            with contextlib.closing(connect(url)) as conn:
                 # Autocommit: LISTEN acts at once, and no transaction stays open while we wait.
                 conn.autocommit = True
-                conn.cursor().execute(f"LISTEN {CHANNEL}")
-                while True:
-                    # The first read comes right after LISTEN: a change committed in between is
-                    # read now, or rings the doorbell later.
-                    found = read_changes(conn)
-                    listening = True
-                    delay = 0.5
-                    if not found:
-                        ping_quiet_streams()
-                    purge_old_tombstones(conn)
-                    wait_for_doorbell(conn)
+                # After a failover, stale DNS may still name the old primary, now a standby.
+                if is_standby(conn):
+                    trouble = f"connected to a standby; LISTEN needs the primary ({where(url)})"
+                else:
+                    conn.cursor().execute(f"LISTEN {CHANNEL}")
+                    # Reads go through another connection: on this one they would queue
+                    # behind a flood of notifications (anyone may send them).
+                    with contextlib.closing(connect(database_url)) as reader:
+                        hear_and_read(conn, reader)
+                    trouble = (
+                        f"heard nothing of its own NOTIFY within {DB_TIMEOUT}s ({where(url)}):"
+                        " LISTEN needs a session of its own, not a pooler in transaction mode;"
+                        " point LISTEN_DATABASE_URL at the primary or at PgBouncer in session"
+                        " mode (until then, changes arrive seconds late)"
+                    )
         except Exception as e:
             # The outermost loop: log it, back off (0.5s, doubling up to 8s), reconnect, catch up.
-            listening = False
-            reason = first_line(e)
-            logging.warning("listener lost the database (%s); reconnecting in %.1fs", reason, delay)
-            ping_quiet_streams()
-            gevent.sleep(delay)
-            delay = min(delay * 2, 8)
+            trouble = f"lost the database ({without_password(first_line(e), url)})"
+        if not listener_trouble:
+            # It was hearing its doorbell until now: back off from the start.
+            delay = 0.5
+        # One line for each lost connection; one for a standby or a deaf LISTEN until it ends.
+        if trouble != listener_trouble or trouble.startswith("lost"):
+            logging.warning("listener %s; reconnecting in %.1fs", trouble, delay)
+        listener_trouble = trouble
+        ping_quiet_streams()
+        gevent.sleep(delay)
+        delay = min(delay * 2, 8)
 
 
 # ---- fan-out ---------------------------------------------------------------------------------
@@ -734,7 +833,6 @@ bottle.BaseResponse.default_content_type = "application/json"
 
 def error_as_json(res):
     """Errors in our own words, as JSON: tracebacks go to the log only."""
-    leave_the_body_unread()
     return json.dumps({"error": res.body})
 
 
@@ -755,15 +853,19 @@ def index():
 def list_newsletters():
     """Live newsletters, newest first, a page at a time (?limit=, ?before=<id>)."""
     limit = request.query.limit or "50"
-    before = request.query.before or "999999999999999999"
+    before = request.query.before
     if not re.fullmatch("[0-9]{1,4}", limit) or int(limit) == 0:
         abort(400, "limit must be a whole number from 1 (at most 200 are sent)")
-    if not re.fullmatch("[0-9]{1,18}", before):
-        abort(400, "before must be an id")
+    # Ids are bigints: the newest one to list is below before, and at most the largest bigint.
+    newest = ANY_VERSION
+    if before:
+        if not re.fullmatch("[0-9]{1,19}", before):
+            abort(400, "before must be an id")
+        newest = min(int(before) - 1, ANY_VERSION)
     rows = query(
         f"SELECT {ROW_JSON}(t) AS json FROM {TABLE} AS t"
-        " WHERE NOT deleted AND id < %s ORDER BY id DESC LIMIT %s",
-        (int(before), min(int(limit), 200)),
+        " WHERE NOT deleted AND id <= %s ORDER BY id DESC LIMIT %s",
+        (newest, min(int(limit), 200)),
     )
     # A JSON array of the rows' JSON, as PostgreSQL wrote it.
     return b"[" + b", ".join(row.json for row in rows) + b"]"
@@ -788,10 +890,18 @@ def publish():
     return row.json
 
 
-# Any other id (negative, beyond bigint, not a number) matches no route: 404.
-@app.put(f"/{TABLE}/<nid:re:[0-9]{{1,18}}>")
+def newsletter_id(nid):
+    """The id in a path, as a number: 404 beyond the largest bigint, which no row can have."""
+    if int(nid) > ANY_VERSION:
+        abort(404, "no such newsletter")
+    return int(nid)
+
+
+# Any other id (negative, not a number) matches no route: 404.
+@app.put(f"/{TABLE}/<nid:re:[0-9]{{1,19}}>")
 def edit(nid):
     """New title and content for a live newsletter; with If-Match, only if nobody changed it."""
+    nid = newsletter_id(nid)
     expected = expected_version()
     fields = read_newsletter()
     # SET title = %(title)s, content = %(content)s: every field, so a PUT replaces the whole row.
@@ -802,27 +912,28 @@ def edit(nid):
         " WHERE id = %(id)s AND NOT deleted"
         " AND (%(expected)s::bigint IS NULL OR version = %(expected)s)"
         f" RETURNING version, {ROW_JSON}(t) AS json",
-        {**fields, "id": int(nid), "expected": expected},
+        {**fields, "id": nid, "expected": expected},
     )
     if not rows:
-        return refused_write(int(nid), expected)
+        return refused_write(nid, expected)
     response["ETag"] = f'"{rows[0].version}"'
     return rows[0].json
 
 
-@app.delete(f"/{TABLE}/<nid:re:[0-9]{{1,18}}>")
+@app.delete(f"/{TABLE}/<nid:re:[0-9]{{1,19}}>")
 def delete(nid):
     """Delete a newsletter, leaving a tombstone (as a psql DELETE does, through the trigger)."""
+    nid = newsletter_id(nid)
     expected = expected_version()
     rows = query(
         f"UPDATE {TABLE} SET deleted = true"
         " WHERE id = %(id)s AND NOT deleted"
         " AND (%(expected)s::bigint IS NULL OR version = %(expected)s)"
         " RETURNING id",
-        {"id": int(nid), "expected": expected},
+        {"id": nid, "expected": expected},
     )
     if not rows:
-        return refused_write(int(nid), expected)
+        return refused_write(nid, expected)
     response.status = 204
 
 
@@ -850,8 +961,9 @@ def expected_version():
     # `*` asks only that the newsletter exists, as any write does.
     if given in ("", "*"):
         return None
-    found = re.fullmatch(r'"([0-9]{1,18})"', given)
-    if found is None:
+    # A version is a bigint: up to 19 digits, and no larger than the largest bigint.
+    found = re.fullmatch(r'"([0-9]{1,19})"', given)
+    if found is None or int(found.group(1)) > ANY_VERSION:
         abort(400, 'If-Match must be a version in quotes, as the ETag gives it: "42"')
     return int(found.group(1))
 
@@ -895,6 +1007,8 @@ def events():
     # Each write goes out at once: a small frame must not wait for the client to acknowledge the
     # one before it (Nagle's algorithm).
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    # A stream may live for hours: what it holds meanwhile is bounded (hardening section).
+    keep_a_stream_small(sock)
     return stream_changes(sock, cursor, reason, chunked)
 
 
@@ -936,12 +1050,28 @@ def memory_can_serve(cursor):
 
 @app.get("/healthz")
 def healthz():
-    """200 while the listener is connected, else 503; with WORKERS, of the worker that answers."""
-    if not listening:
-        abort(503, "not listening to the database")
-    return json.dumps(
-        {"ok": True, "version": latest_version, "clients": open_streams, "worker": worker}
-    )
+    """What an operator needs to know, as JSON: 200 while the listener hears and reads, else 503."""
+    # With WORKERS, it speaks for the worker that answers ("worker").
+    since_read = time.monotonic() - last_read_at
+    trouble = listener_trouble
+    # It reads at least every CHECK_EVERY seconds: a listener that stopped must not look healthy.
+    if not trouble and since_read > int(CHECK_EVERY) + 2 * DB_TIMEOUT:
+        trouble = f"has not read the table for {since_read:.0f}s"
+    # A LISTEN that has stopped hearing, before the listener has found out why.
+    if not trouble and rang_at is not None and time.monotonic() - rang_at > DB_TIMEOUT:
+        trouble = f"has not heard its own NOTIFY for {time.monotonic() - rang_at:.0f}s"
+    health = {
+        "ok": not trouble,
+        "version": latest_version,
+        "clients": open_streams,
+        "worker": worker,
+        "seconds_since_read": round(since_read, 1),
+        "notify_queue_usage": queue_usage,
+    }
+    if trouble:
+        response.status = 503
+        health["error"] = f"listener {trouble}"
+    return json.dumps(health)
 
 
 # ---- main ------------------------------------------------------------------------------------
@@ -955,10 +1085,22 @@ def main():
         sys.exit(f"error: WORKERS must be a number from 1 to {MAX_WORKERS}, not {WORKERS!r}")
     if not re.fullmatch("[0-9]{1,10}", KEEP_TOMBSTONES):
         sys.exit(f"error: KEEP_TOMBSTONES must be a number of seconds, not {KEEP_TOMBSTONES!r}")
+    if not re.fullmatch("[1-9][0-9]{0,4}", CHECK_EVERY):
+        sys.exit(
+            f"error: CHECK_EVERY must be a whole number of seconds, at least 1, not {CHECK_EVERY!r}"
+        )
+    try:
+        psycopg2.extensions.parse_dsn(LISTEN_DATABASE_URL)
+    except psycopg2.ProgrammingError:
+        # libpq's own message would quote the string, password included.
+        sys.exit("error: LISTEN_DATABASE_URL is not a valid connection string")
     # Applies to accepted client sockets, not to libpq's.
     gevent.socket.setdefaulttimeout(CLIENT_TIMEOUT)
     # A big backlog: thousands of browsers reconnect at once after a restart.
     server = WSGIServer((HOST, int(PORT)), app, log=None, backlog=4096, handler_class=Handler)
+    # A few connections accepted at a time, then the others run: with gevent's 100 in a row, a
+    # flood of connections delays every delivery by as long as 100 connections take.
+    server.max_accept = ACCEPT_BURST
     # The port first: if it is taken, say so before starting anything (a private PostgreSQL).
     try:
         server.init_socket()
@@ -1055,16 +1197,20 @@ def check_request():
 
 
 def read_json_body():
-    """The request body, parsed as JSON: at most MAX_BODY bytes, within CLIENT_TIMEOUT."""
+    """The request body, parsed as JSON: at most MAX_BODY bytes, within CLIENT_TIMEOUT in all."""
     # A form or a no-cors fetch from another site cannot send this type without asking first.
     if request.content_type.split(";")[0].strip().lower() != "application/json":
         abort(415, "the body must be JSON, sent with Content-Type: application/json")
     if request.content_length > MAX_BODY:
         abort(413, "the request body is too large")
     # Read the WSGI input ourselves: pywsgi has already undone a chunked encoding, and Bottle's
-    # own reader would try to undo it again. Never more than MAX_BODY + 1 bytes.
+    # own reader would try to undo it again. Never more than MAX_BODY + 1 bytes, and one
+    # deadline for the whole body: the socket's timeout applies to each read, and a client that
+    # sends a byte every few seconds would otherwise hold its connection for days.
+    too_slow = TimeoutError(f"the body took more than {CLIENT_TIMEOUT}s")
     try:
-        body = request.environ["wsgi.input"].read(MAX_BODY + 1)
+        with gevent.Timeout(CLIENT_TIMEOUT, too_slow):
+            body = request.environ["wsgi.input"].read(MAX_BODY + 1)
     except (OSError, ValueError):
         # The body did not arrive within CLIENT_TIMEOUT, or its chunks were malformed.
         abort(400, "the body did not arrive complete")
@@ -1078,11 +1224,12 @@ def read_json_body():
         abort(400, 'the body must be complete JSON: {"title": "...", "content": "..."}')
 
 
+@app.hook("after_request")
 def leave_the_body_unread():
-    """After refusing a request, read no more of its body: the connection then closes."""
-    # pywsgi would otherwise read (and throw away) the rest of the body, however long, to keep
-    # the connection open for another request. Tell its reader the body is over; the handler
-    # then closes the connection, gently (see Handler.close_gently).
+    """After any answer, read no more of a body the app has not read: the connection closes."""
+    # pywsgi would otherwise read (and throw away) the rest of the body, however long and
+    # however slowly it comes, to keep the connection open for another request. Tell its reader
+    # the body is over; the handler then closes the connection, gently (Handler.close_gently).
     has_body = request.content_length > 0 or "HTTP_TRANSFER_ENCODING" in request.environ
     if has_body and not request.environ.get("newsletter.body_read"):
         body = request.environ["wsgi.input"]
@@ -1128,21 +1275,142 @@ def log_rarely(kind, message, *args):
         logging.warning(message, *args)
 
 
-BAD_REQUEST_BODY = b'{"error": "the request line or headers are malformed, or came too slowly"}'
-BAD_REQUEST = (
-    b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Type: application/json\r\n"
-    b"Content-Length: %d\r\n\r\n%s" % (len(BAD_REQUEST_BODY), BAD_REQUEST_BODY)
+def fixed_answer(status, message):
+    """A whole HTTP answer with a JSON error, which the Handler sends before it closes."""
+    body = json.dumps({"error": message}).encode()
+    head = (
+        f"HTTP/1.1 {status}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nX-Content-Type-Options: nosniff\r\n"
+        "Referrer-Policy: no-referrer\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+BAD_REQUEST = fixed_answer(
+    "400 Bad Request", "the request line or headers are malformed, or came too slowly"
+)
+URI_TOO_LONG = fixed_answer(
+    "414 URI Too Long", f"the request line must be shorter than {MAX_REQUEST_LINE} bytes"
+)
+TOO_MANY_CONNECTIONS = fixed_answer(
+    "429 Too Many Requests", "too many connections from your address; try again in a few seconds"
 )
 
 
+class Refused(Exception):
+    """A request refused before the app sees it: the status to answer, and why."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+def read_head(rfile, limit):
+    """A request's header lines, up to the blank line that ends them: at most limit bytes."""
+    lines = []
+    size = 0
+    while True:
+        line = rfile.readline(limit - size + 1)
+        size += len(line)
+        if size > limit:
+            raise Refused(
+                "431 Request Header Fields Too Large",
+                f"the request line and headers must be at most {MAX_HEAD} bytes in all",
+            )
+        lines.append(line)
+        if line in (b"\r\n", b"\n", b""):
+            return b"".join(lines)
+
+
+def check_framing(headers):
+    """Refuse a body whose end two readers could find in different places."""
+    # pywsgi reads the first Content-Length, takes "+30" for 30, and reads a body sent with
+    # "Transfer-Encoding: gzip, chunked" as empty. A proxy in front may read them otherwise:
+    # the rest of the body then passes for a request of its own ("request smuggling"), and
+    # answers go to the wrong clients. So exactly one framing, in its one plain form.
+    encodings = headers.get_all("Transfer-Encoding", [])
+    lengths = headers.get_all("Content-Length", [])
+    ambiguous = Refused(
+        "400 Bad Request",
+        "a body's length must be given once: one Content-Length, or Transfer-Encoding: chunked",
+    )
+    if len(encodings) + len(lengths) > 1:
+        raise ambiguous
+    if encodings and encodings[0].strip().lower() != "chunked":
+        raise ambiguous
+    if lengths and not re.fullmatch("[0-9]{1,18}", lengths[0].strip()):
+        raise ambiguous
+
+
+def limit_setting(name, given):
+    """A per-client limit from the environment, as a number (0: none); else exit with one line."""
+    if not re.fullmatch("[0-9]{1,9}", given):
+        sys.exit(f"error: {name} must be a whole number (0 for no limit), not {given!r}")
+    return int(given)
+
+
+connections_limit = limit_setting("CLIENT_CONNECTIONS", CLIENT_CONNECTIONS)
+connects_limit = limit_setting("CLIENT_CONNECTS", CLIENT_CONNECTS)
+open_connections = collections.Counter()  # Handler.handle: client address -> connections open
+connects_this_second = collections.Counter()  # over_the_limits: address -> connections opened
+this_second = 0  # over_the_limits: the second that connects_this_second counts
+
+
+def over_the_limits(address):
+    """Count a new connection from address: is it over CLIENT_CONNECTIONS or CLIENT_CONNECTS?"""
+    global this_second
+    now = int(time.monotonic())
+    if now != this_second:
+        # A new second: every address starts again from none, and those of the last one go.
+        connects_this_second.clear()
+        this_second = now
+    connects_this_second[address] += 1
+    too_many_open = connections_limit > 0 and open_connections[address] >= connections_limit
+    too_many_new = connects_limit > 0 and connects_this_second[address] > connects_limit
+    return too_many_open or too_many_new
+
+
+def keep_a_stream_small(sock):
+    """Bound what a stream holds for its whole life: kernel buffers, and its request's headers."""
+    # Linux lets the send buffer of a client that does not read grow to 4 MB (tcp_wmem), and
+    # broadcast() would copy every batch into it: for a thousand such clients, gigabytes, and
+    # the time to copy them. Beyond STREAM_BUFFER the stream waits for its client instead.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_BUFFER)
+    # A stream reads no body; and its headers (up to MAX_HEAD bytes) have been read: the
+    # environ would otherwise keep them as long as the stream lives.
+    leave_the_body_unread()
+    for name in list(request.environ):
+        if name.startswith("HTTP_"):
+            del request.environ[name]
+
+
 class Handler(WSGIHandler):
-    """pywsgi's handler, with a deadline for request heads and the socket lent to streams."""
+    """pywsgi's handler: limits per client, request heads bounded, the socket lent to streams."""
 
     def __init__(self, sock, *args):
         super().__init__(sock, *args)
         # A stream reads one request: pywsgi's 8 KB buffer was a third of its memory.
         self.rfile = sock.makefile("rb", 512)
         self.head_deadline = 0
+
+    def handle(self):
+        # Before a byte is read: a client address over its limits is answered and closed at
+        # once, for little work, so that its flood of connections slows nobody else much.
+        address = self.client_address[0]
+        if over_the_limits(address):
+            log_rarely(
+                "limits", "refused connections from %s: too many at once or a second", address
+            )
+            with contextlib.suppress(OSError):
+                self.socket.sendall(TOO_MANY_CONNECTIONS)
+            return
+        open_connections[address] += 1
+        try:
+            super().handle()
+        finally:
+            open_connections[address] -= 1
+            if open_connections[address] == 0:
+                del open_connections[address]
 
     def read_requestline(self):
         # The request line and the headers get HEAD_TIMEOUT in all, not per read: a client that
@@ -1155,13 +1423,28 @@ class Handler(WSGIHandler):
     def read_request(self, raw_requestline):
         remaining = max(self.head_deadline - time.monotonic(), 0.001)
         with gevent.Timeout(remaining, TimeoutError("the request headers took too long")):
-            return super().read_request(raw_requestline)
+            super().read_request(raw_requestline)
+        # pywsgi hands the app of an upgrade (a WebSocket) the raw socket as its body, for the
+        # app to serve the new protocol. This app serves none: refuse before it sees one.
+        if self._connection_upgrade_requested():
+            raise Refused("400 Bad Request", "this server upgrades no connection (no WebSocket)")
+        return True
+
+    def MessageClass(self, rfile, *args):
+        # pywsgi parses the headers through this. Read them first, within MAX_HEAD bytes with
+        # the request line: it would take 100 headers of 64 KB each.
+        head = read_head(rfile, MAX_HEAD - len(self.requestline))
+        headers = super().MessageClass(io.BytesIO(head), *args)
+        check_framing(headers)
+        return headers
 
     def handle_one_request(self):
         result = super().handle_one_request()
         if isinstance(result, tuple):
             # pywsgi's answer to a malformed request, which it would send and then close on.
             status, answer = result
+            if status == "414":
+                answer = URI_TOO_LONG
             with contextlib.suppress(OSError):
                 self.socket.sendall(answer)
             self.close_gently()
@@ -1192,6 +1475,9 @@ class Handler(WSGIHandler):
     def _handle_client_error(self, error):
         # pywsgi's hook for a malformed request (or one too slow): one line, not a traceback.
         client = self.client_address[0]
+        if isinstance(error, Refused):
+            log_rarely(str(error), "refused a request from %s: %s", client, error)
+            return error.status, fixed_answer(error.status, str(error))
         log_rarely(type(error).__name__, "bad request from %s: %s", client, first_line(error))
         return "400", BAD_REQUEST
 
@@ -1421,7 +1707,7 @@ def say_what_stopped(what):
 # after the fork, exactly as a single process does, and a browser can resume on any of them:
 # its cursor is a version, which every worker reads from the same table. Skip it on a first
 # reading.
-MAX_WORKERS = 256  # each worker holds one more LISTEN connection and POOL_SIZE more
+MAX_WORKERS = 256  # each worker holds POOL_SIZE + 2 database connections (pool, LISTEN, read)
 worker = 1  # be_worker: which worker this process is, from 1 to WORKERS (/healthz says it)
 workers = {}  # start_worker: process id -> worker number, for each worker running
 ended = gevent.queue.Queue()  # worker_ended: (process id, wait status) of each worker that ended
@@ -1532,9 +1818,9 @@ def start_worker_state():
     # A worker started again begins, like any new process, where its first read fills the log;
     # without the database, at the supervisor's, and its listener reads what came since later.
     try:
-        with contextlib.closing(connect()) as conn, conn, conn.cursor() as cur:
-            cur.execute(WHERE_TO_START, {"rows": LOG_ROWS, "bytes": LOG_BYTES})
-            latest_version = cur.fetchone().log_from
+        with contextlib.closing(connect(database_url)) as conn:
+            params = {"rows": LOG_ROWS, "bytes": LOG_BYTES}
+            latest_version = in_transaction(conn, WHERE_TO_START, params)[0].log_from
             log_start = latest_version
     except psycopg2.Error as e:
         logging.warning("cannot read the newest version (%s); the listener will", first_line(e))

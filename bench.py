@@ -8,10 +8,12 @@
     python bench.py --clients 10000 --changes 1 --resume-old  a storm of cursors older than the log
     python bench.py --clients 1000 --changes 1000 --rate 0  a burst: as fast as one writer can
     python bench.py --clients 10000 --workers 2             the storm, then 10/s, with WORKERS=2
+    python bench.py --flood                                 the same, during a NOTIFY flood
 
 It needs the same install as the tests (pip install -r requirements.txt: it borrows their servers
 from test_app.py). It starts `python app.py` exactly as the tests do, on a private PostgreSQL, or
-on TEST_DATABASE_URL or --dsn if given; with --url (and --dsn) it measures an app already running.
+on TEST_DATABASE_URL or --dsn if given; with --url (and --dsn) it measures an app already running
+(start that one with CLIENT_CONNECTIONS=0 CLIENT_CONNECTS=0: every client comes from one address).
 It opens the clients from one separate process on non-blocking sockets, commits changes from
 another, and prints one line per run. Each change carries the time it was committed (in its
 title), so latency is commit to receipt. With --workers N it starts the app with WORKERS=N, adds
@@ -130,6 +132,23 @@ def app_processes(pid):
             return [pid] + [int(child) for child in f.read().split()]
     except OSError:
         return [pid]
+
+
+def flood(dsn, stop, sent):
+    """Send notifications on the app's channel, 10,000 a statement, until stop is set.
+
+    Anyone who can connect may do this: NOTIFY needs no privilege.
+    """
+    conn = psycopg2.connect(dsn)
+    conn.autocommit = True
+    cur = conn.cursor()
+    while not stop.is_set():
+        cur.execute(
+            "SELECT count(pg_notify('live_changes', g::text)) FROM generate_series(1, 10000) g"
+        )
+        with sent.get_lock():
+            sent.value += 10_000
+    conn.close()
 
 
 def process_stats(pid):
@@ -262,11 +281,20 @@ def run(args, url, dsn, pid):
     reads0 = 0
     if args.pg_log:
         reads0 = app_reads(args.pg_log)
+    stop_flood = multiprocessing.Event()
+    sent = multiprocessing.Value("q", 0)
+    floods = []
+    for _ in range(args.flood):
+        floods.append(multiprocessing.Process(target=flood, args=(dsn, stop_flood, sent)))
+        floods[-1].start()
     write = multiprocessing.Process(
         target=writer, args=(dsn, args.changes, args.rate, args.size, time.time() + 0.1)
     )
     write.start()
     write.join()
+    stop_flood.set()
+    for p in floods:
+        p.join()
     results["stop"] = True
     reader.join(timeout=120)
     _, cpu1 = process_stats(pid)
@@ -277,6 +305,9 @@ def run(args, url, dsn, pid):
     rate = "burst"
     if args.rate:
         rate = args.rate
+    flooded = ""
+    if args.flood:
+        flooded = f" | during a flood of {sent.value:,} notifications from {args.flood} sessions"
     return (
         f"workers={args.workers} clients={args.clients} changes={args.changes} rate={rate}"
         f" size={args.size}B"
@@ -286,12 +317,14 @@ def run(args, url, dsn, pid):
         f" | all ready in {connect_s:.2f}s with {storm_xacts} db queries{spread}"
         f" | app {(rss1 - rss0) / max(args.clients, 1):.1f} KB/client, {conns} db conns,"
         f" {cpu1 - cpu0:.1f}s cpu and {reads} listener queries for the changes"
+        f"{flooded}"
     )
 
 
 def measure(args, dsn):
     """Start the app on dsn as the tests do, print one run's line, stop it."""
-    app = start_app(dsn, WORKERS=str(args.workers))
+    # Every client comes from 127.0.0.1: no limit on connections per client address.
+    app = start_app(dsn, WORKERS=str(args.workers), CLIENT_CONNECTIONS="0", CLIENT_CONNECTS="0")
     try:
         print(run(args, app.url, dsn, app.proc.pid))
     finally:
@@ -316,6 +349,14 @@ def main():
     )
     parser.add_argument(
         "--workers", type=int, default=1, help="WORKERS for the app it starts, or the running one's"
+    )
+    parser.add_argument(
+        "--flood",
+        type=int,
+        nargs="?",
+        const=2,
+        default=0,
+        help="sessions that flood the channel with NOTIFY while the changes are written (2)",
     )
     parser.add_argument(
         "--url", help="a running app (then --dsn too): its database must be the one it uses"

@@ -135,7 +135,7 @@ $$ LANGUAGE sql;
 -- new writes would hide below versions the listeners have passed. The listener that notices
 -- calls this: the clock moves on past both, and the horizon with it, so that versions still only
 -- go forward and every stream and cursor from before starts over. Only the owner may call it.
-CREATE OR REPLACE PROCEDURE live_restored(seen bigint)
+CREATE OR REPLACE FUNCTION live_restored(seen bigint) RETURNS void
 SECURITY DEFINER SET search_path FROM CURRENT AS $$
 DECLARE
     passed bigint;
@@ -149,7 +149,7 @@ BEGIN
                                 reason = 'the database was replaced or restored';
     END IF;
 END $$ LANGUAGE plpgsql;
-REVOKE ALL ON PROCEDURE live_restored(bigint) FROM PUBLIC;
+REVOKE ALL ON FUNCTION live_restored(bigint) FROM PUBLIC;
 
 -- The app's own purge of old tombstones (app.py's KEEP_TOMBSTONES): of each live table's
 -- tombstones older than kept, a batch at most; returns how many went. Rows another session has
