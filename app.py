@@ -90,9 +90,7 @@ PAGE_ROWS = 500  # rows per read of the table, for the listener and for a catch-
 PAGE_BYTES = 2_000_000  # ...and about this many bytes of content, so big rows come fewer at once
 WRITE_SIZE = 65_536  # bytes of small frames joined into one write to a client
 NEWEST = 100  # live newsletters a new client gets before "ready"
-PURGE_EVERY = (
-    600  # seconds between the listener's purges of tombstones older than KEEP_TOMBSTONES...
-)
+PURGE_EVERY = 600  # seconds between purges of the tombstones older than KEEP_TOMBSTONES...
 PURGE_ROWS = 1000  # ...a batch of at most this many rows of each live table (more: sooner again)
 HERE = os.path.dirname(os.path.abspath(__file__))  # schema.sql, index.html and pgdata/ live here
 
@@ -288,8 +286,8 @@ latest_version = 0  # read_changes: every change up to this version has been rea
 recent = collections.OrderedDict()  # remember: (table, id) -> Change, the newest, oldest first
 recent_bytes = 0  # remember: the size of the frames in recent
 log_start = 0  # remember: recent holds every change after this version; older ones are in the table
-horizon = 0  # read_changes: a cursor below this version cannot be continued exactly (schema.sql)...
-horizon_reason = ""  # ...and why: the reason its stream's "reset" gives
+horizon = 0  # read_position_and_changes: a cursor below it cannot be continued exactly...
+horizon_reason = ""  # ...and why (schema.sql's live_horizon): what its stream's "reset" says
 NOT_YET = "has not heard its doorbell yet"
 listener_trouble = NOT_YET  # listen: what keeps it from hearing its doorbell; "" while nothing
 last_read_at = time.monotonic()  # read_changes: when the listener last finished a read of the table
@@ -416,22 +414,22 @@ def read_position_and_changes(conn):
     global horizon, horizon_reason
     while True:
         rows = in_transaction(conn, POSITION_AND_CHANGES, one_page(latest_version, ANY_VERSION))
-        where = rows[0]
-        if where.drawn < max(latest_version, where.horizon):
+        position = rows[0]
+        if position.drawn < max(latest_version, position.horizon):
             # The version clock went back: a restored database, a restarted sequence. New writes
             # would hide below versions already sent. live_restored() moves the clock on past
             # them, and the horizon with it: the next turn starts every stream over.
             in_transaction(conn, "SELECT live_restored(%s)", (latest_version,))
-        elif where.horizon > latest_version:
+        elif position.horizon > latest_version:
             # Versions this process never read are gone (a TRUNCATE, or tombstones purged before
             # it read them): no stream can go on exactly. Then read again, after the horizon.
-            start_every_stream_over(where.horizon, where.reason.decode())
+            start_every_stream_over(position.horizon, position.reason.decode())
         else:
             # Resumes are checked against it (why_start_over); a purge of tombstones that every
             # stream has passed moves it too, and costs the open streams nothing.
-            horizon = where.horizon
-            horizon_reason = where.reason.decode()
-            if where.version is None:
+            horizon = position.horizon
+            horizon_reason = position.reason.decode()
+            if position.version is None:
                 # No change: the one row holds only the position.
                 return []
             return rows

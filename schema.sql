@@ -155,14 +155,16 @@ REVOKE ALL ON FUNCTION live_restored(bigint) FROM PUBLIC;
 -- tombstones older than kept, a batch at most; returns how many went. Rows another session has
 -- locked are skipped, so the purge never waits (two processes of the app may purge at once), and
 -- a table with nothing to purge gets no DELETE, which would ring the doorbell all the same.
-CREATE OR REPLACE FUNCTION live_purge(kept interval, batch integer) RETURNS bigint AS $$
+CREATE OR REPLACE FUNCTION live_purge(kept interval, batch integer) RETURNS bigint
+SET search_path FROM CURRENT AS $$
 DECLARE
     live_table regclass;
     old bigint[];
     purged bigint;
     total bigint := 0;
 BEGIN
-    FOR live_table IN SELECT tgrelid FROM pg_trigger WHERE tgname = 'live_tombstone' LOOP
+    FOR live_table IN SELECT tgrelid FROM pg_trigger
+                      WHERE tgfoid = 'live_tombstone()'::regprocedure LOOP
         EXECUTE format('SELECT array_agg(id) FROM (SELECT id FROM %s WHERE deleted'
                        ' AND updated_at < now() - $1 LIMIT $2 FOR UPDATE SKIP LOCKED) AS old',
                        live_table) INTO old USING kept, batch;
