@@ -10,7 +10,9 @@ How a change travels, and the functions it passes through:
   -> remember() keeps the frame in a small in-memory log, for streams that are behind, and
      broadcast() writes it to every stream that is caught up ("parked"): one write each
   -> events() and stream_changes(): one browser's stream; a new or resuming one first sends its
-     own catch-up (newest_page(), catch_up()), then "ready", and is then parked
+     own catch-up (newest_page(), catch_up()), then "ready", and is then parked. One whose history
+     can no longer be continued exactly (a TRUNCATE, purged tombstones, a restored database, a
+     cursor too far behind) gets "reset" and starts afresh (why_start_over(), StartOver)
   -> index.html: the browser's EventSource shows it
 
 Sections, in that order: configuration, database, schema, listener, fan-out, routes, main. Then
@@ -78,6 +80,7 @@ LISTEN_DATABASE_URL = os.environ.get("LISTEN_DATABASE_URL", "")  # unset: DATABA
 HOST = os.environ.get("HOST", "127.0.0.1")  # 0.0.0.0 to serve other machines
 PORT = os.environ.get("PORT", "8000")  # a number from 1 to 65535
 WORKERS = os.environ.get("WORKERS", "1")  # server processes sharing the port: up to one per core
+KEEP_TOMBSTONES = os.environ.get("KEEP_TOMBSTONES", "2592000")  # seconds a tombstone stays: 30 days
 POOL_SIZE = 4  # connections for request handlers; the listener holds two more (listen, read)
 DB_TIMEOUT = 5  # seconds a database round trip may take before the connection counts as dead
 CHECK_EVERY = os.environ.get("CHECK_EVERY", "15")  # seconds between the listener's own checks
@@ -88,6 +91,8 @@ PAGE_ROWS = 500  # rows per read of the table, for the listener and for a catch-
 PAGE_BYTES = 2_000_000  # ...and about this many bytes of JSON per read, the list and the first page
 WRITE_SIZE = 65_536  # bytes of small frames joined into one write to a client
 NEWEST = 100  # live newsletters a new client gets before "ready"
+PURGE_EVERY = 600  # seconds between purges of the tombstones older than KEEP_TOMBSTONES...
+PURGE_ROWS = 1000  # ...a batch of at most this many rows of each live table (more: sooner again)
 HERE = os.path.dirname(os.path.abspath(__file__))  # schema.sql, index.html and pgdata/ live here
 
 # Bounds for slow or hostile clients (see the hardening sections at the end).
@@ -238,8 +243,24 @@ def first_line(error):
 
 
 # ---- schema ----------------------------------------------------------------------------------
+# Where a process starts in the change stream: the newest version, and the version before the
+# newest changes that fit in the in-memory log (LOG_ROWS, about LOG_BYTES). The listener's first
+# read starts there and fills the log, so a browser resuming after a restart is served from memory
+# as before, and "older than the log" means "about LOG_ROWS changes back" from the first moment.
+WHERE_TO_START = """
+    SELECT coalesce(max(version), 0) AS newest, coalesce(min(version) - 1, 0) AS log_from
+    FROM (
+        SELECT version, size, sum(size) OVER (ORDER BY version DESC) AS bytes
+        FROM live_rows()
+        ORDER BY version DESC
+        LIMIT %(rows)s
+    ) AS newest
+    WHERE bytes - size < %(bytes)s
+"""
+
+
 def apply_schema():
-    """Run schema.sql (it creates what is missing); return the newest version in the table."""
+    """Run schema.sql (it creates what is missing); return where to start (WHERE_TO_START)."""
     with open(os.path.join(HERE, "schema.sql")) as f:
         schema = f.read()
     # closing() closes the connection; `with conn` is one transaction, committed at the end.
@@ -251,8 +272,8 @@ def apply_schema():
             cur.execute(BOUNDED + schema)
         # app.py's names must be schema.sql's: a mismatch is said now, not at the first request.
         cur.execute(f"SELECT {ROW_JSON}(t) FROM {TABLE} AS t LIMIT 0")
-        cur.execute("SELECT coalesce(max(version), 0) AS version FROM live_rows()")
-        return cur.fetchone().version
+        cur.execute(WHERE_TO_START, {"rows": LOG_ROWS, "bytes": LOG_BYTES})
+        return cur.fetchone()
 
 
 # ---- listener --------------------------------------------------------------------------------
@@ -266,6 +287,9 @@ def apply_schema():
 #   3. woken: only when its client cannot take a whole batch. The listener hands it the rest
 #      of that batch (a Wakeup); its greenlet sends it at the client's pace, catches up from the
 #      log like a resuming client, and is parked again.
+# One rule over all three: a stream whose history can no longer be continued exactly (its cursor
+# is below the horizon: rows truncated, tombstones purged, the database restored) sends "reset"
+# and starts again as a new stream would (StartOver, in the fan-out section).
 Change = collections.namedtuple("Change", "version frame")  # one row's newest state, framed
 Parked = collections.namedtuple("Parked", "fd wake chunked")  # a stream the listener writes for
 Wakeup = collections.namedtuple("Wakeup", "rest version")  # what a woken stream must still send
@@ -278,6 +302,8 @@ latest_version = 0  # read_changes: every change up to this version has been rea
 recent = collections.OrderedDict()  # remember: (table, id) -> Change, the newest, oldest first
 recent_bytes = 0  # remember: the size of the frames in recent
 log_start = 0  # remember: recent holds every change after this version; older ones are in the table
+horizon = 0  # read_position_and_changes: a cursor below it cannot be continued exactly...
+horizon_reason = ""  # ...and why (schema.sql's live_horizon): what its stream's "reset" says
 NOT_YET = "has not heard its doorbell yet"
 listener_trouble = NOT_YET  # listen: what keeps it from hearing its doorbell; "" while nothing
 last_read_at = time.monotonic()  # read_changes: when the listener last finished a read of the table
@@ -329,6 +355,16 @@ CHANGES_AFTER = """
 """
 ANY_VERSION = 2**63 - 1  # the largest bigint: "up to any version"
 
+# The same, with where the change stream stands (schema.sql's live_position(): the newest version
+# drawn, the horizon and why) on every row, or on a row of its own when nothing changed. One
+# statement, so both come from one snapshot: a tombstone purged before the read has moved the
+# horizon, and one purged after it was read. The listener reads it on every ring.
+POSITION_AND_CHANGES = f"""
+    SELECT position.drawn, position.horizon, position.reason, changes.*
+    FROM live_position() AS position LEFT JOIN ({CHANGES_AFTER}) AS changes ON true
+    ORDER BY changes.version
+"""
+
 
 def one_page(after, upto):
     """The parameters of CHANGES_AFTER for one page: the changes after a version, up to another."""
@@ -370,11 +406,9 @@ def read_changes(conn):
     this_read = next_read
     next_read = gevent.event.Event()
     found = False
-    while True:
-        rows = in_transaction(conn, CHANGES_AFTER, one_page(latest_version, ANY_VERSION))
-        last_read_at = time.monotonic()
-        if not rows:
-            break
+    rows = read_position_and_changes(conn)
+    last_read_at = time.monotonic()
+    while rows:
         frames = []
         for row in rows:
             frame = sse_frame(row.version, row.tbl, row.json)
@@ -390,8 +424,55 @@ def read_changes(conn):
         # PAGE_BYTES holds at least that much JSON, and its frames are bigger still.)
         if len(rows) < PAGE_ROWS and len(batch) < PAGE_BYTES:
             break
+        rows = in_transaction(conn, CHANGES_AFTER, one_page(latest_version, ANY_VERSION))
+        last_read_at = time.monotonic()
     this_read.set()
     return found
+
+
+def read_position_and_changes(conn):
+    """The first page of changes after latest_version, once the streams' history can go on."""
+    global horizon, horizon_reason
+    while True:
+        rows = in_transaction(conn, POSITION_AND_CHANGES, one_page(latest_version, ANY_VERSION))
+        position = rows[0]
+        if position.drawn < max(latest_version, position.horizon):
+            # The version clock went back: a restored database, a restarted sequence. New writes
+            # would hide below versions already sent. live_restored() moves the clock on past
+            # them, and the horizon with it: the next turn starts every stream over.
+            in_transaction(conn, "SELECT live_restored(%s)", (latest_version,))
+        elif position.horizon > latest_version:
+            # Versions this process never read are gone (a TRUNCATE, or tombstones purged before
+            # it read them): no stream can go on exactly. Then read again, after the horizon.
+            start_every_stream_over(position.horizon, position.reason.decode())
+        else:
+            # Resumes are checked against it (why_start_over); a purge of tombstones that every
+            # stream has passed moves it too, and costs the open streams nothing.
+            horizon = position.horizon
+            horizon_reason = position.reason.decode()
+            if position.version is None:
+                # No change: the one row holds only the position.
+                return []
+            return rows
+
+
+def start_every_stream_over(new_horizon, reason):
+    """No open stream can go on exactly: each sends "reset", the new first page, "ready"."""
+    global horizon, horizon_reason, latest_version, log_start, recent_bytes, first_page
+    logging.info("every stream starts over at version %d: %s", new_horizon, reason)
+    horizon = new_horizon
+    horizon_reason = reason
+    # Each parked stream is woken with nothing left to send: its greenlet finds its cursor below
+    # the horizon (catch_up) and starts over. Streams not parked find out at their next step.
+    for stream in parked.values():
+        stream.wake.set(Wakeup(b"", latest_version))
+    parked.clear()
+    # The log and the first page are of the history that ended.
+    recent.clear()
+    recent_bytes = 0
+    latest_version = new_horizon
+    log_start = new_horizon
+    first_page = FirstPage(-1, [])
 
 
 def ping_quiet_streams():
@@ -399,6 +480,31 @@ def ping_quiet_streams():
     # It keeps streams open through proxies, and shows which clients have gone.
     if time.monotonic() - last_frame_at >= PING_EVERY:
         broadcast(b": ping\n\n")
+
+
+next_purge = 0.0  # purge_old_tombstones: when the next purge is due (time.monotonic())
+
+
+def purge_old_tombstones(conn):
+    """Every PURGE_EVERY seconds, purge a batch of the tombstones older than KEEP_TOMBSTONES."""
+    global next_purge
+    if time.monotonic() < next_purge:
+        return
+    # A retention shorter than PURGE_EVERY (a test's) is purged as often as it asks.
+    next_purge = time.monotonic() + min(PURGE_EVERY, int(KEEP_TOMBSTONES))
+    try:
+        # schema.sql's live_purge(): each purge moves the horizon, and rings the doorbell.
+        sql = "SELECT live_purge(make_interval(secs => %s), %s) AS purged"
+        purged = in_transaction(conn, sql, (int(KEEP_TOMBSTONES), PURGE_ROWS))[0].purged
+    except psycopg2.Error as e:
+        # A lost connection is the listener's to handle; anything else waits for the next turn.
+        if conn.closed:
+            raise
+        logging.warning("could not purge old tombstones (%s)", first_line(e))
+        return
+    if purged >= PURGE_ROWS:
+        # More are waiting: the next batch right after the next read.
+        next_purge = 0.0
 
 
 def empty_the_pipe():
@@ -456,6 +562,7 @@ def hear_and_read(conn, reader):
         found = read_changes(reader)
         if not found:
             ping_quiet_streams()
+        purge_old_tombstones(reader)
         now = time.monotonic()
         if rang_at is not None and now >= rang_at + DB_TIMEOUT:
             # Unheard. A dead connection fails this within DB_TIMEOUT (and listen() says so);
@@ -576,8 +683,12 @@ def frames_from_log(cursor):
 
 def frames_from_table(cursor, upto):
     """The frames of a page of changes after cursor and up to upto; and the page's last version."""
-    rows = read_query(CHANGES_AFTER, one_page(cursor, upto))
-    if not rows:
+    # With the horizon, read in the same snapshot: a tombstone this page lacks because it was
+    # purged has moved the horizon past cursor. (Only a stream woken behind the log reads here.)
+    rows = read_query(POSITION_AND_CHANGES, one_page(cursor, upto))
+    if rows[0].horizon > cursor:
+        raise StartOver(rows[0].reason.decode())
+    if rows[0].version is None:
         # Every row in between has changed again since: its newest state comes after upto.
         return [], upto
     frames = [sse_frame(row.version, row.tbl, row.json) for row in rows]
@@ -674,16 +785,24 @@ def send(sock, frames, chunked):
                 sock.sendall(part)
 
 
+class StartOver(Exception):
+    """A stream's history can no longer be continued exactly; the argument says why."""
+
+
 def catch_up(sock, cursor, chunked):
     """Send every change after cursor up to latest_version; return the new cursor."""
-    while cursor < latest_version:
+    while True:
+        # Checked at every step: sending yields, and the listener may have moved the horizon.
+        if cursor < horizon:
+            raise StartOver(horizon_reason)
+        if cursor >= latest_version:
+            return cursor
         if cursor >= log_start:
             frames = frames_from_log(cursor)
             cursor = latest_version
         else:
             frames, cursor = frames_from_table(cursor, latest_version)
         send(sock, frames, chunked)
-    return cursor
 
 
 def wait_while_parked(fd, chunked):
@@ -699,11 +818,18 @@ def ready_frame(version):
     return b'id: %d\nevent: ready\ndata: {"version": %d}\n\n' % (version, version)
 
 
-RESET_FRAME = b"event: reset\ndata: {}\n\n"
+def reset_frame(reason):
+    """The event that tells a client to drop what it shows: a new first page and "ready" follow."""
+    # No "id:": until the new first page's, the client's cursor stays the one that was reset.
+    return b"event: reset\ndata: %s\n\n" % json.dumps({"reason": reason}).encode()
 
 
-def stream_changes(sock, cursor, reset, chunked):
-    """The catch-up after cursor, "ready", then each change as it commits, until the client goes."""
+def stream_changes(sock, cursor, reason, chunked):
+    """The catch-up after cursor, "ready", then each change as it commits, until the client goes.
+
+    With a reason, it first sends "reset" and starts afresh, as it does whenever its history can
+    no longer be continued exactly.
+    """
     global open_streams
     # Read once: a closed socket's fileno() is -1.
     fd = sock.fileno()
@@ -711,20 +837,26 @@ def stream_changes(sock, cursor, reset, chunked):
     try:
         # The one yield (see the banner above): pywsgi sends the headers with this first chunk.
         yield b"retry: 2000\n\n"
-        if reset:
-            send(sock, [RESET_FRAME], chunked)
-        if cursor is None:
-            page = newest_page()
-            send(sock, page.frames, chunked)
-            cursor = page.version
-        cursor = catch_up(sock, cursor, chunked)
-        send(sock, [ready_frame(cursor)], chunked)
         while True:
-            # Changes may have come while the last frames were sent: send them before parking.
-            cursor = catch_up(sock, cursor, chunked)
-            wakeup = wait_while_parked(fd, chunked)
-            sock.sendall(wakeup.rest)
-            cursor = wakeup.version
+            if reason:
+                send(sock, [reset_frame(reason)], chunked)
+                cursor = None
+            if cursor is None:
+                page = newest_page()
+                send(sock, page.frames, chunked)
+                cursor = page.version
+            try:
+                cursor = catch_up(sock, cursor, chunked)
+                send(sock, [ready_frame(cursor)], chunked)
+                while True:
+                    # Changes may have come while the last frames were sent: send them first.
+                    cursor = catch_up(sock, cursor, chunked)
+                    wakeup = wait_while_parked(fd, chunked)
+                    sock.sendall(wakeup.rest)
+                    cursor = wakeup.version
+            except StartOver as start_over:
+                # Never the same cause twice: the new first page is at or past the horizon.
+                reason = str(start_over)
     except (bottle.HTTPError, OSError):
         # The database went away, or the client did: it resumes later from its cursor.
         return
@@ -896,14 +1028,14 @@ def events():
     """The change stream: the catch-up after the client's cursor, "ready", then every change."""
     cursor = requested_cursor()
     has_read = request_a_fresh_read()
+    reason = ""
+    if cursor is not None:
+        reason = why_start_over(cursor)
+    if reason:
+        cursor = None
     # The database is away: serve what memory has, else say so now (rather than queue up).
     if not has_read and not memory_can_serve(cursor):
         abort(503, "the database is unavailable; try again shortly")
-    reset = False
-    if cursor is not None and cursor > latest_version:
-        # Beyond the newest version: the database was recreated, so the client starts over.
-        reset = True
-        cursor = None
     response.headers["Content-Type"] = "text/event-stream"
     response.headers["Cache-Control"] = "no-cache"
     # nginx: pass each frame on at once.
@@ -915,7 +1047,7 @@ def events():
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     # A stream may live for hours: what it holds meanwhile is bounded (hardening section).
     keep_a_stream_small(sock)
-    return stream_changes(sock, cursor, reset, chunked)
+    return stream_changes(sock, cursor, reason, chunked)
 
 
 def requested_cursor():
@@ -926,6 +1058,25 @@ def requested_cursor():
         if re.fullmatch("[0-9]{1,19}", given):
             return int(given)
     return None
+
+
+RESTORED = "the database was replaced or restored"  # as schema.sql's live_restored() says it
+TOO_FAR_BEHIND = "it was too far behind"
+
+
+def why_start_over(cursor):
+    """Why a resume from cursor must start afresh with "reset"; "" if it can go on exactly."""
+    if cursor > latest_version:
+        # Beyond the newest version: the database was recreated or restored since.
+        return RESTORED
+    if cursor < horizon:
+        # Truncated rows or purged tombstones it never got, or a cursor from before a restore.
+        return horizon_reason
+    if cursor < log_start:
+        # Its catch-up would come from the table, change by change, and be longer than a fresh
+        # start: the newest page, which every client in a storm shares (one query for all).
+        return TOO_FAR_BEHIND
+    return ""
 
 
 def memory_can_serve(cursor):
@@ -970,6 +1121,8 @@ def main():
         sys.exit(f"error: PORT must be a number from 1 to 65535, not {PORT!r}")
     if not re.fullmatch("[0-9]{1,3}", WORKERS) or not 1 <= int(WORKERS) <= MAX_WORKERS:
         sys.exit(f"error: WORKERS must be a number from 1 to {MAX_WORKERS}, not {WORKERS!r}")
+    if not re.fullmatch("[0-9]{1,10}", KEEP_TOMBSTONES):
+        sys.exit(f"error: KEEP_TOMBSTONES must be a number of seconds, not {KEEP_TOMBSTONES!r}")
     if not re.fullmatch("[1-9][0-9]{0,4}", CHECK_EVERY):
         sys.exit(
             f"error: CHECK_EVERY must be a whole number of seconds, at least 1, not {CHECK_EVERY!r}"
@@ -991,8 +1144,10 @@ def main():
         server.init_socket()
     except OSError as e:
         sys.exit(f"error: cannot serve on {HOST}:{PORT}: {e.strerror or first_line(e)}")
-    latest_version = open_database()
-    log_start = latest_version
+    start = open_database()
+    # The listener's first read fills the log from here (see WHERE_TO_START).
+    latest_version = start.log_from
+    log_start = start.log_from
     # Full collections visit every object of every stream (0.7s at 10,000): make them 100x rarer.
     gc.set_threshold(700, 10, 1000)
     raise_open_files_limit()
@@ -1003,12 +1158,12 @@ def main():
             "serving on http://%s:%s (version %d) with %s worker processes",
             HOST,
             PORT,
-            latest_version,
+            start.newest,
             WORKERS,
         )
         supervise(server, int(WORKERS))
         return
-    logging.info("serving on http://%s:%s (version %d)", HOST, PORT, latest_version)
+    logging.info("serving on http://%s:%s (version %d)", HOST, PORT, start.newest)
     serve(server)
     say_what_stopped(f"open streams closed: {streams_at_stop}")
 
@@ -1411,7 +1566,7 @@ def without_password(message, dsn):
 def open_database():
     """Apply the schema to DATABASE_URL, or without one to libpq's defaults, or to a private one.
 
-    Returns the newest version in the table; any failure is one line and exit status 1.
+    Returns where to start (WHERE_TO_START); any failure is one line and exit status 1.
     """
     try:
         return apply_schema()
@@ -1700,12 +1855,12 @@ def start_worker_state():
     readers = gevent.lock.BoundedSemaphore(POOL_SIZE - 1)
     next_read = gevent.event.Event()
     first_page_lock = gevent.lock.Semaphore()
-    # A worker started again begins, like any new process, at the newest version; without the
-    # database, at the supervisor's, and its listener reads what came since once it is back.
+    # A worker started again begins, like any new process, where its first read fills the log;
+    # without the database, at the supervisor's, and its listener reads what came since later.
     try:
         with contextlib.closing(connect(database_url)) as conn:
-            sql = "SELECT coalesce(max(version), 0) AS version FROM live_rows()"
-            latest_version = in_transaction(conn, sql)[0].version
+            params = {"rows": LOG_ROWS, "bytes": LOG_BYTES}
+            latest_version = in_transaction(conn, WHERE_TO_START, params)[0].log_from
             log_start = latest_version
     except psycopg2.Error as e:
         logging.warning("cannot read the newest version (%s); the listener will", first_line(e))

@@ -5,6 +5,7 @@
     python bench.py --clients 10000 --changes 1             one change to 10,000 clients
     python bench.py --clients 10000 --changes 0             idle streams: memory per client
     python bench.py --clients 10000 --changes 1 --resume    a resume storm: Last-Event-ID from all
+    python bench.py --clients 10000 --changes 1 --resume-old  a storm of cursors older than the log
     python bench.py --clients 1000 --changes 1000 --rate 0  a burst: as fast as one writer can
     python bench.py --clients 10000 --workers 2             the storm, then 10/s, with WORKERS=2
     python bench.py --flood                                 the same, during a NOTIFY flood
@@ -240,8 +241,19 @@ def run(args, url, dsn, pid):
     results = manager.dict(expected=args.clients * args.changes)
     ready_at = multiprocessing.Value("d", 0.0)
     cursor = None
-    if args.resume:
+    if args.resume or args.resume_old:
         cursor = db_stat(dsn, "SELECT coalesce(max(version), 0) FROM newsletters")
+    if args.resume_old:
+        # More changes after the cursor than the app's log holds (1,000): each client gets
+        # "reset" and the newest page instead of a replay.
+        conn = psycopg2.connect(dsn)
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(
+                "INSERT INTO newsletters (title, content)"
+                " SELECT 'old ' || i, 'x' FROM generate_series(1, 3000) AS i"
+            )
+        conn.close()
     time.sleep(1.5)  # let PostgreSQL's statistics settle before counting transactions
     rss0, _ = process_stats(pid)
     xacts0 = xacts(dsn)
@@ -329,6 +341,11 @@ def main():
         "--resume",
         action="store_true",
         help="clients connect with Last-Event-ID: the newest version",
+    )
+    parser.add_argument(
+        "--resume-old",
+        action="store_true",
+        help="clients connect with a Last-Event-ID 3,000 changes old: older than the app's log",
     )
     parser.add_argument(
         "--workers", type=int, default=1, help="WORKERS for the app it starts, or the running one's"

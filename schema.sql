@@ -37,6 +37,25 @@ END $$;
 LOCK TABLE live_clock IN SHARE UPDATE EXCLUSIVE MODE;
 INSERT INTO live_clock VALUES (true) ON CONFLICT DO NOTHING;
 
+-- The horizon: the newest version that is gone from the tables for good, and why (tombstones
+-- purged, a table truncated, the database restored). A browser whose cursor is below it missed a
+-- change that can no longer be read, so its stream starts over (app.py: "reset"). It only moves
+-- forward, and it is kept here rather than worked out from the oldest row left: the oldest row
+-- cannot witness the tombstones purged above it. One row, owned like live_clock: PUBLIC gets no
+-- rights on it, and only the triggers below (SECURITY DEFINER) write it.
+DO $$
+BEGIN
+    IF to_regclass('live_horizon') IS NULL THEN
+        CREATE TABLE live_horizon (
+            one     boolean PRIMARY KEY DEFAULT true CHECK (one),
+            version bigint  NOT NULL DEFAULT 0,
+            reason  text    NOT NULL DEFAULT ''
+        );
+        REVOKE ALL ON TABLE live_horizon FROM PUBLIC;
+    END IF;
+END $$;
+INSERT INTO live_horizon VALUES (true) ON CONFLICT DO NOTHING;
+
 -- Every insert and update draws a new version. A sequence alone hands out numbers in the order
 -- transactions *ask*, not the order they *commit*: a reader could see version 8 while 7 is still
 -- uncommitted, move its cursor past 7 and never send it. So each writing transaction first locks
@@ -63,13 +82,101 @@ BEGIN
 END $$ LANGUAGE plpgsql;
 
 -- A DELETE, from the API or from psql, becomes an update to a tombstone, so it gets a version
--- like any other change. (psql reports "DELETE 0" because the row itself stays.)
+-- like any other change. (psql reports "DELETE 0" because the row itself stays.) A DELETE of a
+-- row that is already a tombstone removes it for good: that is how tombstones are purged, e.g.
+--   DELETE FROM newsletters WHERE deleted AND updated_at < now() - interval '30 days';
 CREATE OR REPLACE FUNCTION live_tombstone() RETURNS trigger AS $$
 BEGIN
+    IF OLD.deleted THEN
+        RETURN OLD;
+    END IF;
     EXECUTE format('UPDATE %I.%I SET deleted = true WHERE id = $1 AND NOT deleted',
                    TG_TABLE_SCHEMA, TG_TABLE_NAME) USING OLD.id;
     RETURN NULL;
 END $$ LANGUAGE plpgsql;
+
+-- Purged tombstones move the horizon up to the newest of them: a browser away since before it
+-- can never learn of that delete, so it starts over. Streams already past it lose nothing. One
+-- update per statement, from the rows it removed (only tombstones get that far).
+CREATE OR REPLACE FUNCTION live_purged() RETURNS trigger
+SECURITY DEFINER SET search_path FROM CURRENT AS $$
+BEGIN
+    UPDATE live_horizon SET version = gone.version, reason = 'deletions it missed were purged'
+    FROM (SELECT max(version) AS version FROM purged) AS gone
+    WHERE gone.version > live_horizon.version;
+    RETURN NULL;
+END $$ LANGUAGE plpgsql;
+
+-- TRUNCATE removes rows without a trigger for each, so without tombstones. It moves the horizon
+-- to a version of its own, drawn after every row's (under the clock's lock, as live_stamp draws
+-- one): every stream open now, and every cursor handed out before, is below it and starts over.
+CREATE OR REPLACE FUNCTION live_truncated() RETURNS trigger
+SECURITY DEFINER SET search_path FROM CURRENT AS $$
+BEGIN
+    PERFORM FROM live_clock FOR UPDATE;
+    UPDATE live_horizon SET version = nextval('live_version'),
+                            reason = format('the table %s was truncated', TG_TABLE_NAME);
+    RETURN NULL;
+END $$ LANGUAGE plpgsql;
+
+-- Where the change stream stands, which the listener reads with every read of the changes (one
+-- statement, one snapshot): the newest version drawn from the clock (below what the listener has
+-- seen: the clock went back), and the horizon (above it: every stream starts over).
+CREATE OR REPLACE FUNCTION live_position(OUT drawn bigint, OUT horizon bigint, OUT reason text)
+STABLE SECURITY DEFINER SET search_path FROM CURRENT AS $$
+    SELECT (SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM live_version),
+           version, reason
+    FROM live_horizon
+$$ LANGUAGE sql;
+
+-- The version clock went back: a restored dump, ALTER SEQUENCE live_version RESTART, a new
+-- database at the same address. It is then behind a version a listener has already sent (seen),
+-- or behind the horizon. Cursors handed out before would name changes of another history, and
+-- new writes would hide below versions the listeners have passed. The listener that notices
+-- calls this: the clock moves on past both, and the horizon with it, so that versions still only
+-- go forward and every stream and cursor from before starts over. Only the owner may call it.
+CREATE OR REPLACE FUNCTION live_restored(seen bigint) RETURNS void
+SECURITY DEFINER SET search_path FROM CURRENT AS $$
+DECLARE
+    passed bigint;
+BEGIN
+    PERFORM FROM live_clock FOR UPDATE;
+    SELECT greatest(seen, horizon) INTO passed FROM live_position();
+    -- Another listener (another process of the app) may have moved it on meanwhile.
+    IF (SELECT drawn FROM live_position()) < passed THEN
+        PERFORM setval('live_version', passed + 1);
+        UPDATE live_horizon SET version = passed + 1,
+                                reason = 'the database was replaced or restored';
+    END IF;
+END $$ LANGUAGE plpgsql;
+REVOKE ALL ON FUNCTION live_restored(bigint) FROM PUBLIC;
+
+-- The app's own purge of old tombstones (app.py's KEEP_TOMBSTONES): of each live table's
+-- tombstones older than kept, a batch at most; returns how many went. Rows another session has
+-- locked are skipped, so the purge never waits (two processes of the app may purge at once), and
+-- a table with nothing to purge gets no DELETE, which would ring the doorbell all the same.
+CREATE OR REPLACE FUNCTION live_purge(kept interval, batch integer) RETURNS bigint
+SET search_path FROM CURRENT AS $$
+DECLARE
+    live_table regclass;
+    old bigint[];
+    purged bigint;
+    total bigint := 0;
+BEGIN
+    FOR live_table IN SELECT tgrelid FROM pg_trigger
+                      WHERE tgfoid = 'live_tombstone()'::regprocedure LOOP
+        EXECUTE format('SELECT array_agg(id) FROM (SELECT id FROM %s WHERE deleted'
+                       ' AND updated_at < now() - $1 LIMIT $2 FOR UPDATE SKIP LOCKED) AS old',
+                       live_table) INTO old USING kept, batch;
+        IF old IS NOT NULL THEN
+            EXECUTE format('DELETE FROM %s WHERE id = ANY($1)', live_table) USING old;
+            GET DIAGNOSTICS purged = ROW_COUNT;
+            total := total + purged;
+        END IF;
+    END LOOP;
+    RETURN total;
+END $$ LANGUAGE plpgsql;
+
 
 -- The doorbell: one payload-free NOTIFY per statement, on one channel for every live table.
 -- Listeners read what changed from the tables, so the 8000-byte payload limit never matters, and
@@ -89,8 +196,9 @@ BEGIN
     RETURN NULL;
 END $$ LANGUAGE plpgsql;
 
--- Makes a table live: gives it three triggers, live_stamp (naming the text columns a tombstone
--- empties), live_tombstone and live_notify. It creates a trigger only when it is missing or
+-- Makes a table live: gives it its triggers, live_stamp (naming the text columns a tombstone
+-- empties), live_tombstone, live_purged, live_truncated and live_notify (which TRUNCATE rings
+-- too). It creates a trigger only when it is missing or
 -- different: a start that finds them in place takes no lock on the table. (Any session, even of
 -- a role with no rights, can hold a lock on a table it can name, with PREPARE, that CREATE
 -- TRIGGER would wait for.) The table needs the columns id, version, deleted, created_at and
@@ -108,7 +216,11 @@ BEGIN
                ' FOR EACH ROW EXECUTE FUNCTION live_stamp(%s)', target, names),
         format('CREATE TRIGGER live_tombstone BEFORE DELETE ON %s'
                ' FOR EACH ROW EXECUTE FUNCTION live_tombstone()', target),
-        format('CREATE TRIGGER live_notify AFTER INSERT OR DELETE OR UPDATE ON %s'
+        format('CREATE TRIGGER live_purged AFTER DELETE ON %s REFERENCING OLD TABLE AS purged'
+               ' FOR EACH STATEMENT EXECUTE FUNCTION live_purged()', target),
+        format('CREATE TRIGGER live_truncated AFTER TRUNCATE ON %s'
+               ' FOR EACH STATEMENT EXECUTE FUNCTION live_truncated()', target),
+        format('CREATE TRIGGER live_notify AFTER INSERT OR DELETE OR UPDATE OR TRUNCATE ON %s'
                ' FOR EACH STATEMENT EXECUTE FUNCTION live_notify()', target)]
     LOOP
         IF NOT EXISTS (SELECT FROM pg_trigger
