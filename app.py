@@ -15,10 +15,11 @@ How a change travels, and the functions it passes through:
      cursor too far behind) gets "reset" and starts afresh (why_start_over(), StartOver)
   -> index.html: the browser's EventSource shows it
 
-Sections, in that order: configuration, database, schema, listener, fan-out, routes, main. Then
-three sections of hardening: hostile clients and pywsgi's edges; start-up conveniences; workers
-(WORKERS=N processes that share the port). First reading: the listener and the fan-out, then the
-routes; skip the last three sections the first time.
+Sections, in that order: configuration, database, schema, listener, fan-out, routes, main: the
+lesson. Then what keeps it true under stress, to skip on a first reading: hardening for the
+database's edges; hardening for hostile clients and pywsgi's edges (its Handler is the one piece
+the lesson uses: it lends each stream its socket); start-up conveniences; workers (WORKERS=N).
+First reading: the listener and the fan-out, then the routes.
 
 Run it:  python app.py            (or DATABASE_URL=postgresql://user@host/db python app.py)
          WORKERS=4 python app.py  (four server processes, one per core, sharing the port)
@@ -116,8 +117,9 @@ database_url = DATABASE_URL
 
 
 def wait(conn):
-    """psycopg2's wait callback, as psycogreen writes it: other greenlets run while we wait."""
+    """psycopg2's wait callback, psycogreen's with a deadline: other greenlets run while we wait."""
     # Each wait has a deadline: a silently dropped network path would otherwise wait forever.
+    # gevent's wait_read() raises no_answer when DB_TIMEOUT passes first.
     no_answer = psycopg2.OperationalError(f"no answer from the database within {DB_TIMEOUT}s")
     while True:
         state = conn.poll()
@@ -144,7 +146,7 @@ def connect(dsn):
     conn = psycopg2.connect(
         dsn,
         fallback_application_name="newsletter",
-        # Rows as named tuples: row.version, row.json.
+        # Rows as named tuples, so the code says row.version and row.json, as the SQL names them.
         cursor_factory=psycopg2.extras.NamedTupleCursor,
     )
     # psycopg2 keeps every notification in conn.notifies until someone clears the list, and
@@ -179,27 +181,8 @@ def in_transaction(conn, sql, params=()):
         return cur.fetchall()
 
 
-def hung_up(conn):
-    """Whether the server has closed an idle connection (a restart, a killed backend)."""
-    # The server sends nothing on an idle connection unless it hangs up. poll(), not select():
-    # select() cannot watch descriptors past 1,024, and a busy server has them.
-    probe = select.poll()
-    probe.register(conn, select.POLLIN)
-    return bool(probe.poll(0))
-
-
 # Idle request connections, the most recently used first; None is one not opened yet.
 pool = gevent.queue.LifoQueue(items=[None] * POOL_SIZE)
-
-
-def usable(conn):
-    """conn if it is still good, else a new connection."""
-    # Don't hand out a connection that is sure to fail.
-    if conn is not None and hung_up(conn):
-        conn.close()
-    if conn is None or conn.closed:
-        conn = connect(database_url)
-    return conn
 
 
 def query(sql, params=()):
@@ -213,33 +196,13 @@ def query(sql, params=()):
         return in_transaction(conn, sql, params)
     except (psycopg2.Error, ValueError) as error:
         # A rule of the table, a busy table, a lost database: each its own 4xx or 503.
+        # It answers with a JSON error: abort() raises, so nothing is returned here.
         refuse_for_database_error(error, conn)
     finally:
         # A connection that broke is replaced by a new one when it is next borrowed.
         if conn is not None and conn.closed:
             conn = None
         pool.put(conn)
-
-
-# Reads take at most POOL_SIZE - 1 of the pool's connections at once: however many clients read,
-# a write always finds one free.
-readers = gevent.lock.BoundedSemaphore(POOL_SIZE - 1)
-
-
-def read_query(sql, params=()):
-    """query() for a statement that only reads: it leaves a connection for writes."""
-    if not readers.acquire(timeout=DB_TIMEOUT):
-        abort(503, "every database connection is busy; try again shortly")
-    try:
-        return query(sql, params)
-    finally:
-        readers.release()
-
-
-def first_line(error):
-    """An exception's first line: enough for a log, never a traceback."""
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]
 
 
 # ---- schema ----------------------------------------------------------------------------------
@@ -279,7 +242,8 @@ def apply_schema():
 # ---- listener --------------------------------------------------------------------------------
 # The listener and the streams never call each other: they share the state below. The listener
 # (read_changes) moves latest_version forward, puts each change in the log (remember) and writes
-# it to every parked stream (broadcast). A stream's life, in the fan-out section:
+# it to every parked stream (broadcast). Each browser is a cursor: the version of the newest change
+# it has. A stream's life, in the fan-out section:
 #   1. catching up: its own greenlet sends what it missed (from the log, or from the table) and
 #      then "ready", at its client's pace, while the others go on;
 #   2. parked: it has every change up to latest_version, and its greenlet sleeps; from now on
@@ -290,6 +254,111 @@ def apply_schema():
 # One rule over all three: a stream whose history can no longer be continued exactly (its cursor
 # is below the horizon: rows truncated, tombstones purged, the database restored) sends "reset"
 # and starts again as a new stream would (StartOver, in the fan-out section).
+def listen():
+    """Forever: connect, LISTEN, read what changed, wait for the doorbell, read again."""
+    global listener_trouble
+    delay = 0.5
+    while True:
+        url = listen_url()
+        try:
+            with contextlib.closing(connect(url)) as conn:
+                # Autocommit: LISTEN acts at once, and no transaction stays open while we wait.
+                conn.autocommit = True
+                # After a failover, stale DNS may still name the old primary, now a standby.
+                if is_standby(conn):
+                    trouble = f"connected to a standby; LISTEN needs the primary ({where(url)})"
+                else:
+                    conn.cursor().execute(f"LISTEN {CHANNEL}")
+                    # Reads go through another connection: on this one they would queue
+                    # behind a flood of notifications (anyone may send them).
+                    with contextlib.closing(connect(database_url)) as reader:
+                        hear_and_read(conn, reader)
+                    trouble = (
+                        f"heard nothing of its own NOTIFY within {DB_TIMEOUT}s ({where(url)}):"
+                        " LISTEN needs a session of its own, not a pooler in transaction mode;"
+                        " point LISTEN_DATABASE_URL at the primary or at PgBouncer in session"
+                        " mode (until then, changes arrive seconds late)"
+                    )
+        except Exception as e:
+            # The outermost loop: log it, back off (0.5s, doubling up to 8s), reconnect, catch up.
+            trouble = f"lost the database ({without_password(first_line(e), url)})"
+        if not listener_trouble:
+            # It was hearing its doorbell until now: back off from the start.
+            delay = 0.5
+        # One line for each lost connection; one for a standby or a deaf LISTEN until it ends.
+        if trouble != listener_trouble or trouble.startswith("lost"):
+            logging.warning("listener %s; reconnecting in %.1fs", trouble, delay)
+        listener_trouble = trouble
+        ping_quiet_streams()
+        gevent.sleep(delay)
+        delay = min(delay * 2, 8)
+
+
+def hear_and_read(conn, reader):
+    """Read the table at every ring, and ring it ourselves every CHECK_EVERY; return if unheard."""
+    global listener_trouble, rang_at
+    # The check: ring our own doorbell through the app's database (a pooler, maybe), and expect
+    # to hear a ring within DB_TIMEOUT. A LISTEN that hears nothing (through a pooler in
+    # transaction mode, on a standby, on a silently dropped connection) is found out so, and the
+    # read after the ring means a missed NOTIFY is read at most CHECK_EVERY seconds late.
+    rang_at = None
+    check_at = 0  # when to ring next: at once, then every CHECK_EVERY seconds
+    while True:
+        # The first read comes right after LISTEN: a change committed between the two is read
+        # now, or rings the doorbell later.
+        found = read_changes(reader)
+        if not found:
+            ping_quiet_streams()
+        purge_old_tombstones(reader)
+        now = time.monotonic()
+        if rang_at is not None and now >= rang_at + DB_TIMEOUT:
+            # Unheard. A dead connection fails this within DB_TIMEOUT (and listen() says so);
+            # one that answers is deaf.
+            conn.cursor().execute("SELECT 1")
+            return
+        if rang_at is None and now >= check_at:
+            ring_own_doorbell(reader)
+            rang_at = now
+            check_at = now + int(CHECK_EVERY)
+        wait_until = check_at
+        if rang_at is not None:
+            wait_until = rang_at + DB_TIMEOUT
+        if wait_for_doorbell(conn, wait_until - time.monotonic()):
+            # Any ring will do: this LISTEN hears.
+            rang_at = None
+            if listener_trouble and listener_trouble != NOT_YET:
+                logging.info("listener hears its doorbell again (%s)", where(listen_url()))
+            listener_trouble = ""
+
+
+def wait_for_doorbell(conn, timeout):
+    """Wait for a NOTIFY, for a stream that asks for a read, or timeout seconds; did it ring?"""
+    # The LISTEN loop of psycopg2's docs, "Asynchronous notifications"
+    # (https://www.psycopg.org/docs/advanced.html#asynchronous-notifications): wait until the
+    # connection is readable, poll() it, and take what arrived from conn.notifies.
+    doorbells = select.poll()
+    doorbells.register(conn, select.POLLIN)
+    doorbells.register(wake_reader, select.POLLIN)
+    doorbells.poll(max(timeout, 0) * 1000)
+    # The table is the truth: however many rings arrived, one read follows.
+    conn.poll()
+    rang = len(conn.notifies) > 0
+    conn.notifies.clear()
+    empty_the_pipe()
+    return rang
+
+
+def empty_the_pipe():
+    """Read every byte that streams wrote to the wake-up pipe."""
+    while True:
+        try:
+            data = os.read(wake_reader, 4096)
+        except BlockingIOError:
+            return
+        if not data:
+            return
+
+
 Change = collections.namedtuple("Change", "version frame")  # one row's newest state, framed
 Parked = collections.namedtuple("Parked", "fd wake chunked")  # a stream the listener writes for
 Wakeup = collections.namedtuple("Wakeup", "rest version")  # what a woken stream must still send
@@ -309,12 +378,12 @@ listener_trouble = NOT_YET  # listen: what keeps it from hearing its doorbell; "
 last_read_at = time.monotonic()  # read_changes: when the listener last finished a read of the table
 rang_at = None  # hear_and_read: when it rang its own doorbell, while it has heard no ring since
 queue_usage = None  # ring_own_doorbell: how full NOTIFY's queue is, from 0 to 1 (/healthz says it)
-parked = {}  # stream_changes and broadcast: socket descriptor -> Parked, the caught-up streams
+parked = {}  # wait_while_parked, broadcast: socket descriptor -> Parked, the caught-up streams
 open_streams = 0  # stream_changes: browsers connected to /events, parked or not
-last_frame_at = time.monotonic()  # broadcast: when parked streams were last sent a frame or ping
+last_frame_at = time.monotonic()  # broadcast: when it last wrote a frame or a ping
 first_page = FirstPage(-1, [])  # newest_page: the newest live newsletters, as of its version
 first_page_lock = gevent.lock.Semaphore()  # newest_page: one query for the first page at a time
-next_read = gevent.event.Event()  # read_changes: set when the read after this one has ended
+next_read = gevent.event.Event()  # read_changes: the next read to start; set once it has ended
 
 
 def wake_up_pipe():
@@ -415,6 +484,7 @@ def read_changes(conn):
             # The hand-off to streams that are behind: they read the log (frames_from_log).
             remember((row.tbl, row.id), Change(row.version, frame))
             frames.append(frame)
+        # Moved before broadcast(): a stream it wakes goes on from here (its Wakeup says so).
         latest_version = rows[-1].version
         batch = b"".join(frames)
         # The hand-off to streams that are caught up: the listener writes to them itself.
@@ -480,155 +550,6 @@ def ping_quiet_streams():
     # It keeps streams open through proxies, and shows which clients have gone.
     if time.monotonic() - last_frame_at >= PING_EVERY:
         broadcast(b": ping\n\n")
-
-
-next_purge = 0.0  # purge_old_tombstones: when the next purge is due (time.monotonic())
-
-
-def purge_old_tombstones(conn):
-    """Every PURGE_EVERY seconds, purge a batch of the tombstones older than KEEP_TOMBSTONES."""
-    global next_purge
-    if time.monotonic() < next_purge:
-        return
-    # A retention shorter than PURGE_EVERY (a test's) is purged as often as it asks.
-    next_purge = time.monotonic() + min(PURGE_EVERY, int(KEEP_TOMBSTONES))
-    try:
-        # schema.sql's live_purge(): each purge moves the horizon, and rings the doorbell.
-        sql = "SELECT live_purge(make_interval(secs => %s), %s) AS purged"
-        purged = in_transaction(conn, sql, (int(KEEP_TOMBSTONES), PURGE_ROWS))[0].purged
-    except psycopg2.Error as e:
-        # A lost connection is the listener's to handle; anything else waits for the next turn.
-        if conn.closed:
-            raise
-        logging.warning("could not purge old tombstones (%s)", first_line(e))
-        return
-    if purged >= PURGE_ROWS:
-        # More are waiting: the next batch right after the next read.
-        next_purge = 0.0
-
-
-def empty_the_pipe():
-    """Read every byte that streams wrote to the wake-up pipe."""
-    while True:
-        try:
-            data = os.read(wake_reader, 4096)
-        except BlockingIOError:
-            return
-        if not data:
-            return
-
-
-def wait_for_doorbell(conn, timeout):
-    """Wait for a NOTIFY, for a stream that asks for a read, or timeout seconds; did it ring?"""
-    # The LISTEN loop of psycopg2's docs, "Asynchronous notifications"
-    # (https://www.psycopg.org/docs/advanced.html#asynchronous-notifications): wait until the
-    # connection is readable, poll() it, and take what arrived from conn.notifies.
-    doorbells = select.poll()
-    doorbells.register(conn, select.POLLIN)
-    doorbells.register(wake_reader, select.POLLIN)
-    doorbells.poll(max(timeout, 0) * 1000)
-    # The table is the truth: however many rings arrived, one read follows.
-    conn.poll()
-    rang = len(conn.notifies) > 0
-    conn.notifies.clear()
-    empty_the_pipe()
-    return rang
-
-
-def ring_own_doorbell(conn):
-    """NOTIFY as any writer would, from the reading connection; note how full the queue is."""
-    global queue_usage
-    # Every commit that notifies appends to one queue, 8 GB at most, which each listening
-    # session must read to the end: when it is full, every notifying commit in the database
-    # fails. pg_notification_queue_usage() says how full it is, from 0 to 1.
-    rows = in_transaction(
-        conn, "SELECT pg_notify(%s, ''), pg_notification_queue_usage() AS usage", (CHANNEL,)
-    )
-    queue_usage = rows[0].usage
-
-
-def hear_and_read(conn, reader):
-    """Read the table at every ring, and ring it ourselves every CHECK_EVERY; return if unheard."""
-    global listener_trouble, rang_at
-    # The check: ring our own doorbell through the app's database (a pooler, maybe), and expect
-    # to hear a ring within DB_TIMEOUT. A LISTEN that hears nothing (through a pooler in
-    # transaction mode, on a standby, on a silently dropped connection) is found out so, and the
-    # read after the ring means a missed NOTIFY is read at most CHECK_EVERY seconds late.
-    rang_at = None
-    check_at = 0  # when to ring next: at once, then every CHECK_EVERY seconds
-    while True:
-        # The first read comes right after LISTEN: a change committed in between is
-        # read now, or rings the doorbell later.
-        found = read_changes(reader)
-        if not found:
-            ping_quiet_streams()
-        purge_old_tombstones(reader)
-        now = time.monotonic()
-        if rang_at is not None and now >= rang_at + DB_TIMEOUT:
-            # Unheard. A dead connection fails this within DB_TIMEOUT (and listen() says so);
-            # one that answers is deaf.
-            conn.cursor().execute("SELECT 1")
-            return
-        if rang_at is None and now >= check_at:
-            ring_own_doorbell(reader)
-            rang_at = now
-            check_at = now + int(CHECK_EVERY)
-        wait_until = check_at
-        if rang_at is not None:
-            wait_until = rang_at + DB_TIMEOUT
-        if wait_for_doorbell(conn, wait_until - time.monotonic()):
-            # Any ring will do: this LISTEN hears.
-            rang_at = None
-            if listener_trouble and listener_trouble != NOT_YET:
-                logging.info("listener hears its doorbell again (%s)", where(listen_url()))
-            listener_trouble = ""
-
-
-def is_standby(conn):
-    """Whether conn reached a standby, where LISTEN fails, or would hear nothing."""
-    with conn.cursor() as cur:
-        cur.execute("SELECT pg_is_in_recovery() AS standby")
-        return cur.fetchone().standby
-
-
-def listen():
-    """Forever: connect, LISTEN, read what changed, wait for the doorbell, read again."""
-    global listener_trouble
-    delay = 0.5
-    while True:
-        url = listen_url()
-        try:
-            with contextlib.closing(connect(url)) as conn:
-                # Autocommit: LISTEN acts at once, and no transaction stays open while we wait.
-                conn.autocommit = True
-                # After a failover, stale DNS may still name the old primary, now a standby.
-                if is_standby(conn):
-                    trouble = f"connected to a standby; LISTEN needs the primary ({where(url)})"
-                else:
-                    conn.cursor().execute(f"LISTEN {CHANNEL}")
-                    # Reads go through another connection: on this one they would queue
-                    # behind a flood of notifications (anyone may send them).
-                    with contextlib.closing(connect(database_url)) as reader:
-                        hear_and_read(conn, reader)
-                    trouble = (
-                        f"heard nothing of its own NOTIFY within {DB_TIMEOUT}s ({where(url)}):"
-                        " LISTEN needs a session of its own, not a pooler in transaction mode;"
-                        " point LISTEN_DATABASE_URL at the primary or at PgBouncer in session"
-                        " mode (until then, changes arrive seconds late)"
-                    )
-        except Exception as e:
-            # The outermost loop: log it, back off (0.5s, doubling up to 8s), reconnect, catch up.
-            trouble = f"lost the database ({without_password(first_line(e), url)})"
-        if not listener_trouble:
-            # It was hearing its doorbell until now: back off from the start.
-            delay = 0.5
-        # One line for each lost connection; one for a standby or a deaf LISTEN until it ends.
-        if trouble != listener_trouble or trouble.startswith("lost"):
-            logging.warning("listener %s; reconnecting in %.1fs", trouble, delay)
-        listener_trouble = trouble
-        ping_quiet_streams()
-        gevent.sleep(delay)
-        delay = min(delay * 2, 8)
 
 
 # ---- fan-out ---------------------------------------------------------------------------------
@@ -831,7 +752,8 @@ def stream_changes(sock, cursor, reason, chunked):
     no longer be continued exactly.
     """
     global open_streams
-    # Read once: a closed socket's fileno() is -1.
+    # Read once, while the socket is open: parked is keyed by it, and a closed socket's
+    # fileno() is -1.
     fd = sock.fileno()
     open_streams += 1
     try:
@@ -852,6 +774,7 @@ def stream_changes(sock, cursor, reason, chunked):
                     # Changes may have come while the last frames were sent: send them first.
                     cursor = catch_up(sock, cursor, chunked)
                     wakeup = wait_while_parked(fd, chunked)
+                    # Already framed by broadcast(): sent as it is.
                     sock.sendall(wakeup.rest)
                     cursor = wakeup.version
             except StartOver as start_over:
@@ -1177,6 +1100,94 @@ def serve(server):
     # Stopped: the listener goes first, so that a private PostgreSQL stopping after us (atexit)
     # is not reported as a lost database.
     listener.kill()
+
+
+# ==== hardening: the database's edges ========================================================
+# What keeps the lesson true when the database misbehaves or is shared: connections the server
+# hung up on, reads that must leave room for writes, a doorbell that may not ring, a standby
+# after a failover, tombstones that pile up. Skip it on a first reading.
+def hung_up(conn):
+    """Whether the server has closed an idle connection (a restart, a killed backend)."""
+    # The server sends nothing on an idle connection unless it hangs up. poll(), not select():
+    # select() cannot watch descriptors past 1,024, and a busy server has them.
+    probe = select.poll()
+    probe.register(conn, select.POLLIN)
+    return bool(probe.poll(0))
+
+
+def usable(conn):
+    """conn if it is still good, else a new connection."""
+    # Don't hand out a connection that is sure to fail.
+    if conn is not None and hung_up(conn):
+        conn.close()
+    if conn is None or conn.closed:
+        conn = connect(database_url)
+    return conn
+
+
+# Reads take at most POOL_SIZE - 1 of the pool's connections at once: however many clients read,
+# a write always finds one free.
+readers = gevent.lock.BoundedSemaphore(POOL_SIZE - 1)
+
+
+def read_query(sql, params=()):
+    """query() for a statement that only reads: it leaves a connection for writes."""
+    if not readers.acquire(timeout=DB_TIMEOUT):
+        abort(503, "every database connection is busy; try again shortly")
+    try:
+        return query(sql, params)
+    finally:
+        readers.release()
+
+
+def first_line(error):
+    """An exception's first line: enough for a log, never a traceback."""
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]
+
+
+def ring_own_doorbell(conn):
+    """NOTIFY as any writer would, from the reading connection; note how full the queue is."""
+    global queue_usage
+    # Every commit that notifies appends to one queue, 8 GB at most, which each listening
+    # session must read to the end: when it is full, every notifying commit in the database
+    # fails. pg_notification_queue_usage() says how full it is, from 0 to 1.
+    rows = in_transaction(
+        conn, "SELECT pg_notify(%s, ''), pg_notification_queue_usage() AS usage", (CHANNEL,)
+    )
+    queue_usage = rows[0].usage
+
+
+def is_standby(conn):
+    """Whether conn reached a standby, where LISTEN fails, or would hear nothing."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_is_in_recovery() AS standby")
+        return cur.fetchone().standby
+
+
+next_purge = 0.0  # purge_old_tombstones: when the next purge is due (time.monotonic())
+
+
+def purge_old_tombstones(conn):
+    """Every PURGE_EVERY seconds, purge a batch of the tombstones older than KEEP_TOMBSTONES."""
+    global next_purge
+    if time.monotonic() < next_purge:
+        return
+    # A retention shorter than PURGE_EVERY (a test's) is purged as often as it asks.
+    next_purge = time.monotonic() + min(PURGE_EVERY, int(KEEP_TOMBSTONES))
+    try:
+        # schema.sql's live_purge(): each purge moves the horizon, and rings the doorbell.
+        sql = "SELECT live_purge(make_interval(secs => %s), %s) AS purged"
+        purged = in_transaction(conn, sql, (int(KEEP_TOMBSTONES), PURGE_ROWS))[0].purged
+    except psycopg2.Error as e:
+        # A lost connection is the listener's to handle; anything else waits for the next turn.
+        if conn.closed:
+            raise
+        logging.warning("could not purge old tombstones (%s)", first_line(e))
+        return
+    if purged >= PURGE_ROWS:
+        # More are waiting: the next batch right after the next read.
+        next_purge = 0.0
 
 
 # ==== hardening: hostile clients and pywsgi's edges ===========================================
@@ -1665,7 +1676,7 @@ def is_running(pid):
         return False
     except PermissionError:
         # It exists, as another user's.
-        return True
+        pass
     return True
 
 
