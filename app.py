@@ -207,18 +207,25 @@ def query(sql, params=()):
 
 # ---- schema ----------------------------------------------------------------------------------
 # Where a process starts in the change stream: the newest version, and the version before the
-# newest changes that fit in the in-memory log (LOG_ROWS, about LOG_BYTES). The listener's first
-# read starts there and fills the log, so a browser resuming after a restart is served from memory
-# as before, and "older than the log" means "about LOG_ROWS changes back" from the first moment.
+# newest changes that fit in the in-memory log (LOG_ROWS, about LOG_BYTES of JSON). The listener's
+# first read starts there and fills the log, so a browser resuming after a restart is served from
+# memory as before, and "older than the log" means "about LOG_ROWS changes back" from the first
+# moment. A walk down the versions, as CHANGES_AFTER walks up: however big the rows, it builds the
+# JSON of no more rows than the log will hold.
 WHERE_TO_START = """
+    WITH RECURSIVE log (version, rows, bytes) AS (
+        SELECT %(top)s::bigint, 0, 0::bigint
+        UNION ALL
+        SELECT r.version, log.rows + 1, log.bytes + r.size
+        FROM log CROSS JOIN LATERAL (
+            SELECT max(version) AS version FROM live_rows() WHERE version < log.version
+        ) AS next
+        JOIN live_rows() AS r ON r.version = next.version
+        WHERE log.rows < %(rows)s AND log.bytes < %(bytes)s
+    )
     SELECT coalesce(max(version), 0) AS newest, coalesce(min(version) - 1, 0) AS log_from
-    FROM (
-        SELECT version, size, sum(size) OVER (ORDER BY version DESC) AS bytes
-        FROM live_rows()
-        ORDER BY version DESC
-        LIMIT %(rows)s
-    ) AS newest
-    WHERE bytes - size < %(bytes)s
+    FROM log
+    WHERE rows > 0
 """
 
 
@@ -235,7 +242,7 @@ def apply_schema():
             cur.execute(BOUNDED + schema)
         # app.py's names must be schema.sql's: a mismatch is said now, not at the first request.
         cur.execute(f"SELECT {ROW_JSON}(t) FROM {TABLE} AS t LIMIT 0")
-        cur.execute(WHERE_TO_START, {"rows": LOG_ROWS, "bytes": LOG_BYTES})
+        cur.execute(WHERE_TO_START, {"top": ANY_VERSION, "rows": LOG_ROWS, "bytes": LOG_BYTES})
         return cur.fetchone()
 
 
@@ -1870,7 +1877,7 @@ def start_worker_state():
     # without the database, at the supervisor's, and its listener reads what came since later.
     try:
         with contextlib.closing(connect(database_url)) as conn:
-            params = {"rows": LOG_ROWS, "bytes": LOG_BYTES}
+            params = {"top": ANY_VERSION, "rows": LOG_ROWS, "bytes": LOG_BYTES}
             latest_version = in_transaction(conn, WHERE_TO_START, params)[0].log_from
             log_start = latest_version
     except psycopg2.Error as e:
