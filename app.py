@@ -1599,12 +1599,13 @@ def open_database():
             " (in a URL, a password with / @ : or ? must be percent-encoded)"
         )
     except (psycopg2.errors.LockNotAvailable, psycopg2.errors.QueryCanceled) as e:
-        # PostgreSQL answered; schema.sql waited for a lock: a transaction that wrote to a live
-        # table and has not ended (CREATE TRIGGER waits for it), or an upgrade held up.
+        # PostgreSQL answered, but the start took longer than its deadline: most often schema.sql
+        # waited for a lock, held by a transaction that wrote to a live table and has not ended
+        # (CREATE TRIGGER waits for it).
         message = (
-            f"error: cannot apply schema.sql ({where(DATABASE_URL)}): it waited {DB_TIMEOUT}s"
-            f" for a lock another session holds ({first_line(e)}); end that session's"
-            " transaction (pg_locks says which), then start again"
+            f"error: cannot apply schema.sql ({where(DATABASE_URL)}) within {DB_TIMEOUT}s"
+            f" ({first_line(e)}): if another session holds a lock on a live table, end that"
+            " session's transaction (pg_locks says which), then start again"
         )
         sys.exit(without_password(message, DATABASE_URL))
     except psycopg2.OperationalError as e:
