@@ -510,6 +510,12 @@ def insert(title, content="x", url=None, created_at=None):
     return psql(sql, title, content, created_at, url=url)[0][0]
 
 
+def apply_schema(url):
+    """Apply schema.sql to the database at url, as the app does at start."""
+    with open(os.path.join(HERE, "schema.sql")) as f:
+        psql(f.read(), url=url)
+
+
 def is_ready(event):
     """Whether an event is `ready`: the end of a stream's catch-up."""
     return event["event"] == "ready"
@@ -894,8 +900,7 @@ def test_after_a_restart_a_resume_within_the_newest_thousand_changes_is_exact_an
     empty_database,
 ):
     """The log is filled at start, so "older than the log" means the same after a restart."""
-    with open(os.path.join(HERE, "schema.sql")) as f:
-        psql(f.read(), url=empty_database)
+    apply_schema(empty_database)
     psql(
         "INSERT INTO newsletters (title, content)"
         " SELECT 'bulk ' || i, 'x' FROM generate_series(1, 1500) i",
@@ -2394,8 +2399,7 @@ MIB = 1_048_576  # the most content a newsletter may have (schema.sql)
 def big_newsletters(database):
     """A database of 100 newsletters of 1 MiB of control characters, "Big 001" to "Big 100"."""
     with new_database(f"newsletter_big_{os.getpid()}") as url:
-        with open(os.path.join(HERE, "schema.sql")) as f:
-            psql(f.read(), url=url)
+        apply_schema(url)
         psql(
             "INSERT INTO newsletters (title, content)"
             " SELECT 'Big ' || lpad(i::text, 3, '0'), repeat(chr(1), %s)"
@@ -2496,8 +2500,7 @@ def test_ten_clients_that_never_read_a_big_list_cost_little_and_leave_a_connecti
 def test_twenty_clients_resuming_from_0_that_never_read_hold_a_page_each_sized_by_its_json(
     empty_database,
 ):
-    with open(os.path.join(HERE, "schema.sql")) as f:
-        psql(f.read(), url=empty_database)
+    apply_schema(empty_database)
     # 200 KB of control characters: 1.2 MB as JSON, so a page holds two of them, not ten
     psql(
         "INSERT INTO newsletters (title, content)"
@@ -3413,8 +3416,7 @@ DROP TABLE live_horizon;
 def test_a_database_from_before_the_horizon_is_upgraded_at_start_truncate_and_purge_included(
     empty_database,
 ):
-    with open(os.path.join(HERE, "schema.sql")) as f:
-        psql(f.read(), url=empty_database)
+    apply_schema(empty_database)
     psql(BEFORE_THE_HORIZON, url=empty_database)
     tombstone = insert("Deleted before the upgrade", url=empty_database)
     psql("DELETE FROM newsletters WHERE id = %s", tombstone, url=empty_database)
@@ -4341,8 +4343,7 @@ def test_a_reset_drops_what_the_page_shows_and_it_stays_live_without_a_reload(
             # The database recreated: its versions start again below the page's cursor.
             psql(f"DROP DATABASE {name} WITH (FORCE)")
             psql(f"CREATE DATABASE {name}")
-            with open(os.path.join(HERE, "schema.sql")) as schema:
-                psql(schema.read(), url=empty_database)
+            apply_schema(empty_database)
             insert("After the reset", url=empty_database)
             app = start_app(empty_database, port=app.port)
             shows(page, "After the reset", timeout=WAIT)
