@@ -4,13 +4,15 @@ How a change travels, and the functions it passes through:
   a write (the page, the API or psql) commits a row of the newsletters table
   -> schema.sql: the trigger live_stamp() gives the row a version, in commit order, and
      live_notify() rings NOTIFY live_changes, with no payload: it is only a doorbell
-  -> listen(): this process's one LISTEN connection; wait_for_doorbell() hears the ring
+  -> listen(): this process's one LISTEN connection; in hear_and_read(), its loop,
+     wait_for_doorbell() hears the ring
   -> read_changes(): every row changed after latest_version, read from the table (the truth) on
      a second connection, each row framed once as a Server-Sent Event by sse_frame()
   -> remember() keeps the frame in a small in-memory log, for streams that are behind, and
      broadcast() writes it to every stream that is caught up ("parked"): one write each
   -> events() and stream_changes(): one browser's stream; a new or resuming one first sends its
-     own catch-up (newest_page(), catch_up()), then "ready", and is then parked. One whose history
+     own catch-up (newest_page(), catch_up()), then "ready", and is then parked
+     (wait_while_parked(): broadcast() hands it a Wakeup if its client lags). One whose history
      can no longer be continued exactly (a TRUNCATE, purged tombstones, a restored database, a
      cursor too far behind) gets "reset" and starts afresh (why_start_over(), StartOver)
   -> index.html: the browser's EventSource shows it
@@ -206,6 +208,10 @@ def query(sql, params=()):
 
 
 # ---- schema ----------------------------------------------------------------------------------
+# Versions and ids are bigints (schema.sql).
+ANY_VERSION = 2**63 - 1  # the largest bigint: "up to any version"
+ANY_ID = 2**63 - 1  # the largest bigint: "before any id"
+
 # Where a process starts in the change stream: the newest version, and the version before the
 # newest changes that fit in the in-memory log (LOG_ROWS, about LOG_BYTES of JSON). The listener's
 # first read starts there and fills the log, so a browser resuming after a restart is served from
@@ -262,7 +268,7 @@ def apply_schema():
 # is below the horizon: rows truncated, tombstones purged, the database restored) sends "reset"
 # and starts again as a new stream would (StartOver, in the fan-out section).
 def listen():
-    """Forever: connect, LISTEN, read what changed, wait for the doorbell, read again."""
+    """Forever: connect, LISTEN, and hear_and_read() until the connection fails; then reconnect."""
     global listener_trouble
     delay = 0.5
     while True:
@@ -339,7 +345,7 @@ def hear_and_read(conn, reader):
 
 
 def wait_for_doorbell(conn, timeout):
-    """Wait for a NOTIFY, for a stream that asks for a read, or timeout seconds; did it ring?"""
+    """Wait for a NOTIFY, for a stream that asks for a read, or timeout seconds; was it a NOTIFY?"""
     # The LISTEN loop of psycopg2's docs, "Asynchronous notifications"
     # (https://www.psycopg.org/docs/advanced.html#asynchronous-notifications): wait until the
     # connection is readable, poll() it, and take what arrived from conn.notifies.
@@ -374,7 +380,7 @@ FirstPage = collections.namedtuple("FirstPage", "version frames")  # new clients
 # What this process knows of the change stream, and who is listening to it; after each name, the
 # function that writes it. All of it lives in one thread: greenlets switch only where code waits
 # (a query, a socket), never in between.
-latest_version = 0  # read_changes: every change up to this version has been read and sent
+latest_version = 0  # read_changes: every change up to it is read, and written to parked streams
 recent = collections.OrderedDict()  # remember: (table, id) -> Change, the newest, oldest first
 recent_bytes = 0  # remember: the size of the frames in recent
 log_start = 0  # remember: recent holds every change after this version; older ones are in the table
@@ -429,12 +435,12 @@ CHANGES_AFTER = """
     WHERE rows > 0
     ORDER BY version
 """
-ANY_VERSION = 2**63 - 1  # the largest bigint: "up to any version"
 
 # The same, with where the change stream stands (schema.sql's live_position(): the newest version
 # drawn, the horizon and why) on every row, or on a row of its own when nothing changed. One
-# statement, so both come from one snapshot: a tombstone purged before the read has moved the
-# horizon, and one purged after it was read. The listener reads it on every ring.
+# statement, so both come from one snapshot: if a tombstone is missing from the changes because it
+# was purged, the horizon read with them has already moved past it. The listener reads it on every
+# ring.
 POSITION_AND_CHANGES = f"""
     SELECT position.drawn, position.horizon, position.reason, changes.*
     FROM live_position() AS position LEFT JOIN ({CHANGES_AFTER}) AS changes ON true
@@ -491,7 +497,7 @@ def read_changes(conn):
             # The hand-off to streams that are behind: they read the log (frames_from_log).
             remember((row.tbl, row.id), Change(row.version, frame))
             frames.append(frame)
-        # Moved before broadcast(): a stream it wakes goes on from here (its Wakeup says so).
+        # Set before broadcast(): a stream that it wakes goes on from here (its Wakeup says so).
         latest_version = rows[-1].version
         batch = b"".join(frames)
         # The hand-off to streams that are caught up: the listener writes to them itself.
@@ -612,7 +618,7 @@ def frames_from_log(cursor):
 def frames_from_table(cursor, upto):
     """The frames of a page of changes after cursor and up to upto; and the page's last version."""
     # With the horizon, read in the same snapshot: a tombstone this page lacks because it was
-    # purged has moved the horizon past cursor. (Only a stream woken behind the log reads here.)
+    # purged has moved the horizon past cursor. (Only a stream behind the log reads here.)
     rows = read_query(POSITION_AND_CHANGES, one_page(cursor, upto))
     if rows[0].horizon > cursor:
         raise StartOver(rows[0].reason.decode())
@@ -644,7 +650,6 @@ NEWEST_LIVE = f"""
     WHERE rows > 0
     ORDER BY id DESC
 """
-ANY_ID = 2**63 - 1  # the largest bigint: "before any id"
 
 
 def newest_live(before, upto, rows):
@@ -860,7 +865,7 @@ def publish():
 
 def newsletter_id(nid):
     """The id in a path, as a number: 404 beyond the largest bigint, which no row can have."""
-    if int(nid) > ANY_VERSION:
+    if int(nid) > ANY_ID:
         abort(404, "no such newsletter")
     return int(nid)
 
