@@ -88,7 +88,6 @@ POOL_SIZE = 4  # connections for request handlers; the listener holds two more (
 DB_TIMEOUT = 5  # seconds a database round trip may take before the connection counts as dead
 CHECK_EVERY = os.environ.get("CHECK_EVERY", "15")  # seconds between the listener's own checks
 PING_EVERY = 15  # seconds without a frame before quiet streams get a ": ping"
-READ_GAP = 0.1  # seconds between two reads that only new streams asked for: a storm shares each
 LOG_ROWS = 1000  # recently changed rows kept in memory, so resuming clients cost no query...
 LOG_BYTES = 16_000_000  # ...and at most this many bytes of them
 PAGE_ROWS = 500  # rows per read of the table, for the listener and for a catch-up...
@@ -320,7 +319,6 @@ def hear_and_read(conn, reader):
     while True:
         # The first read comes right after LISTEN: a change committed between the two is read
         # now, or rings the doorbell later.
-        read_at = time.monotonic()
         found = read_changes(reader)
         if not found:
             ping_quiet_streams()
@@ -344,11 +342,6 @@ def hear_and_read(conn, reader):
             if listener_trouble and listener_trouble != NOT_YET:
                 logging.info("listener hears its doorbell again (%s)", where(listen_url()))
             listener_trouble = ""
-        else:
-            # Only new streams asked (request_a_fresh_read), or it is time for the check: in a
-            # storm of thousands of new streams, each read serves every one that asked before it
-            # started, so one every READ_GAP is plenty, and the database is spared the rest.
-            gevent.sleep(max(read_at + READ_GAP - time.monotonic(), 0))
 
 
 def wait_for_doorbell(conn, timeout):
