@@ -88,6 +88,7 @@ POOL_SIZE = 4  # connections for request handlers; the listener holds two more (
 DB_TIMEOUT = 5  # seconds a database round trip may take before the connection counts as dead
 CHECK_EVERY = os.environ.get("CHECK_EVERY", "15")  # seconds between the listener's own checks
 PING_EVERY = 15  # seconds without a frame before quiet streams get a ": ping"
+READ_GAP = 0.1  # seconds between reads in a storm of new streams: each read serves every one
 LOG_ROWS = 1000  # recently changed rows kept in memory, so resuming clients cost no query...
 LOG_BYTES = 16_000_000  # ...and at most this many bytes of them
 PAGE_ROWS = 500  # rows per read of the table, for the listener and for a catch-up...
@@ -319,6 +320,7 @@ def hear_and_read(conn, reader):
     while True:
         # The first read comes right after LISTEN: a change committed between the two is read
         # now, or rings the doorbell later.
+        read_at = time.monotonic()
         found = read_changes(reader)
         if not found:
             ping_quiet_streams()
@@ -336,16 +338,26 @@ def hear_and_read(conn, reader):
         wait_until = check_at
         if rang_at is not None:
             wait_until = rang_at + DB_TIMEOUT
-        if wait_for_doorbell(conn, wait_until - time.monotonic()):
+        rang, asking = wait_for_doorbell(conn, wait_until - time.monotonic())
+        if rang:
             # Any ring will do: this LISTEN hears.
             rang_at = None
             if listener_trouble and listener_trouble != NOT_YET:
                 logging.info("listener hears its doorbell again (%s)", where(listen_url()))
             listener_trouble = ""
+        elif asking > 1:
+            # Several new streams asked for a read at once: a storm of them (thousands of
+            # browsers reconnect after a restart). Each read serves every stream that asked
+            # before it started, so one every READ_GAP is plenty, and the database is spared
+            # the rest. A stream that asks alone is read for at once.
+            gevent.sleep(max(read_at + READ_GAP - time.monotonic(), 0))
 
 
 def wait_for_doorbell(conn, timeout):
-    """Wait for a NOTIFY, for a stream that asks for a read, or timeout seconds; was it a NOTIFY?"""
+    """Wait for a NOTIFY, for streams that ask for a read, or timeout seconds; return which came.
+
+    Returns whether a NOTIFY came, and how many streams asked.
+    """
     # The LISTEN loop of psycopg2's docs, "Asynchronous notifications"
     # (https://www.psycopg.org/docs/advanced.html#asynchronous-notifications): wait until the
     # connection is readable, poll() it, and take what arrived from conn.notifies.
@@ -357,19 +369,21 @@ def wait_for_doorbell(conn, timeout):
     conn.poll()
     rang = len(conn.notifies) > 0
     conn.notifies.clear()
-    empty_the_pipe()
-    return rang
+    asking = empty_the_pipe()
+    return rang, asking
 
 
 def empty_the_pipe():
-    """Read every byte that streams wrote to the wake-up pipe."""
+    """Read every byte that streams wrote to the wake-up pipe; return how many (one a stream)."""
+    count = 0
     while True:
         try:
             data = os.read(wake_reader, 4096)
         except BlockingIOError:
-            return
+            return count
         if not data:
-            return
+            return count
+        count += len(data)
 
 
 Change = collections.namedtuple("Change", "version frame")  # one row's newest state, framed
