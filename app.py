@@ -294,6 +294,10 @@ def listen():
                         " mode (until then, changes arrive seconds late)"
                     )
         except Exception as e:
+            if stopped_by:
+                # The app is stopping, and serve() stops this loop: psycopg2 turns that into an
+                # error of the query it interrupted, which is no lost database.
+                return
             # The outermost loop: log it, back off (0.5s, doubling up to 8s), reconnect, catch up.
             trouble = f"lost the database ({without_password(first_line(e), url)})"
         if not listener_trouble:
