@@ -16,8 +16,10 @@ on TEST_DATABASE_URL or --dsn if given; with --url (and --dsn) it measures an ap
 (start that one with CLIENT_CONNECTIONS=0 CLIENT_CONNECTS=0: every client comes from one address).
 It opens the clients from one separate process on non-blocking sockets, commits changes from
 another, and prints one line per run. Each change carries the time it was committed (in its
-title), so latency is commit to receipt. With --workers N it starts the app with WORKERS=N, adds
-up memory and CPU over its workers, and says how many streams each worker holds.
+title), so latency is commit to receipt. The line ends with the CPU the clients' process used:
+when that nears the length of the run, the load generator, not the app, is what is measured. With
+--workers N it starts the app with WORKERS=N, adds up memory and CPU over its workers, and says how
+many streams each worker holds.
 """
 
 import argparse
