@@ -7,7 +7,7 @@ How a change travels, and the functions it passes through:
   -> listen(): this process's one LISTEN connection; in hear_and_read(), its loop,
      wait_for_doorbell() hears the ring
   -> read_changes(): every row changed after latest_version, read from the table (the truth) on
-     a second connection, each row framed once as a Server-Sent Event by sse_frame()
+     a second connection, each row framed as a Server-Sent Event by sse_frame(), once for all
   -> remember() keeps the frame in a small in-memory log, for streams that are behind, and
      broadcast() writes it to every stream that is caught up ("parked"): one write each
   -> events() and stream_changes(): one browser's stream; a new or resuming one first sends its
@@ -213,12 +213,12 @@ def query(sql, params=()):
 ANY_VERSION = 2**63 - 1  # the largest bigint: "up to any version"
 ANY_ID = 2**63 - 1  # the largest bigint: "before any id"
 
-# Where a process starts in the change stream: the newest version, and the version before the
-# newest changes that fit in the in-memory log (LOG_ROWS, about LOG_BYTES of JSON). The listener's
-# first read starts there and fills the log, so a browser resuming after a restart is served from
-# memory as before, and "older than the log" means "about LOG_ROWS changes back" from the first
-# moment. A walk down the versions, as CHANGES_AFTER walks up: however big the rows, it builds the
-# JSON of no more rows than the log will hold.
+# Where a process starts in the change stream, two versions: the newest, and the one the log
+# starts after (just below the newest changes that fit in the in-memory log: LOG_ROWS, about
+# LOG_BYTES of JSON). The listener's first read starts there and fills the log, so a browser
+# resuming after a restart is served from memory as before, and "older than the log" means "about
+# LOG_ROWS changes back" from the first moment. A walk down the versions, as CHANGES_AFTER walks
+# up: however big the rows, it builds the JSON of no more rows than the log will hold.
 WHERE_TO_START = """
     WITH RECURSIVE log (version, rows, bytes) AS (
         SELECT %(top)s::bigint, 0, 0::bigint
@@ -331,8 +331,9 @@ def hear_and_read(conn, reader):
         purge_old_tombstones(reader)
         now = time.monotonic()
         if rang_at is not None and now >= rang_at + DB_TIMEOUT:
-            # Unheard. A dead connection fails this within DB_TIMEOUT (and listen() says so);
-            # one that answers is deaf.
+            # Our own ring went unheard for DB_TIMEOUT. SELECT 1 tells why: on a dead connection
+            # it fails (and listen() says the database is lost); if it answers, this LISTEN is
+            # deaf, and listen() says so when we return.
             conn.cursor().execute("SELECT 1")
             return
         if rang_at is None and now >= check_at:
@@ -378,7 +379,7 @@ def wait_for_doorbell(conn, timeout):
 
 
 def empty_the_pipe():
-    """Read every byte that streams wrote to the wake-up pipe; return how many (one a stream)."""
+    """Read every byte that streams wrote to the wake-up pipe; return how many streams asked."""
     count = 0
     while True:
         try:
@@ -396,9 +397,10 @@ Wakeup = collections.namedtuple("Wakeup", "rest version")  # what a woken stream
 FirstPage = collections.namedtuple("FirstPage", "version frames")  # new clients' first catch-up
 
 # What this process knows of the change stream, and who is listening to it; after each name, the
-# function that writes it. All of it lives in one thread: greenlets switch only where code waits
+# function that writes it as changes come (start_every_stream_over() and main() set several of
+# them afresh). All of it lives in one thread: greenlets switch only where code waits
 # (a query, a socket), never in between.
-latest_version = 0  # read_changes: every change up to it is read, and written to parked streams
+latest_version = 0  # read_changes: every change up to it is read and written to parked streams
 recent = collections.OrderedDict()  # remember: (table, id) -> Change, the newest, oldest first
 recent_bytes = 0  # remember: the size of the frames in recent
 log_start = 0  # remember: recent holds every change after this version; older ones are in the table
@@ -420,7 +422,8 @@ next_read = gevent.event.Event()  # read_changes: the next read to start; set on
 def wake_up_pipe():
     """A pipe through which streams ring the listener; neither end blocks."""
     reader, writer = os.pipe()
-    # A pipe already full says "read again" all the same.
+    # The listener empties the pipe without waiting; a stream never waits to ring, since a pipe
+    # already full says "read again" all the same.
     os.set_blocking(reader, False)
     os.set_blocking(writer, False)
     return reader, writer
@@ -435,8 +438,8 @@ wake_reader, wake_writer = wake_up_pipe()
 # the rows are, and however their text escapes (a control character is 6 bytes of JSON).
 # live_rows() (schema.sql) is every live table's rows, in one version order: TABLE's, and any
 # other table made live on the same stream; each row says its table, id, size (the length of its
-# JSON) and JSON. The page is a walk: from the version after, it takes the next change, one at a
-# time, while the page has room. A row past the page is never read, nor its JSON written.
+# JSON) and JSON. The page is a walk: starting after %(after)s, it takes the next change, one at
+# a time, while the page has room. A row past the page is never read, nor its JSON written.
 CHANGES_AFTER = """
     WITH RECURSIVE page (tbl, id, version, data, rows, bytes) AS (
         SELECT NULL::text, NULL::bigint, %(after)s::bigint, NULL::text, 0, 0::bigint
@@ -537,8 +540,10 @@ def read_position_and_changes(conn):
     while True:
         rows = in_transaction(conn, POSITION_AND_CHANGES, one_page(latest_version, ANY_VERSION))
         position = rows[0]
+        # drawn is the newest version the sequence has handed out: below what this process has
+        # sent, or below the horizon, the version clock went back.
         if position.drawn < max(latest_version, position.horizon):
-            # The version clock went back: a restored database, a restarted sequence. New writes
+            # A restored database, a restarted sequence. New writes
             # would hide below versions already sent. live_restored() moves the clock on past
             # them, and the horizon with it: the next turn starts every stream over.
             in_transaction(conn, "SELECT live_restored(%s)", (latest_version,))
@@ -589,9 +594,10 @@ def ping_quiet_streams():
 # response headers. From then on the stream writes to the socket itself: the Handler (hardening
 # section) lends each request its socket as environ["newsletter.socket"]. So the HTTP/1.1
 # chunked encoding that pywsgi would add is framed here by hand (http_chunk_parts), once per
-# batch for every stream; HTTP/1.0 clients get the bytes unframed. broadcast()'s os.write() on
-# such a socket never blocks only because gevent made every socket non-blocking: a full socket
-# takes less and says so. (A copy of this code with threads would block there.)
+# batch and shared by every stream; HTTP/1.0 clients get the bytes unframed. broadcast()'s
+# os.write() on such a socket cannot block, and only because gevent made every socket
+# non-blocking: a full socket takes less and says so. (A copy of this code with threads would
+# block there.)
 def http_chunk_parts(data):
     """data as one HTTP/1.1 chunk, in three parts: its size in hex, the bytes, the end."""
     return b"%x\r\n" % len(data), data, b"\r\n"
@@ -808,7 +814,8 @@ def stream_changes(sock, cursor, reason, chunked):
                     sock.sendall(wakeup.rest)
                     cursor = wakeup.version
             except StartOver as start_over:
-                # Never the same cause twice: the new first page is at or past the horizon.
+                # This cannot loop: the new first page starts at or past the horizon, so the same
+                # cause never resets this stream again.
                 reason = str(start_over)
     except (bottle.HTTPError, OSError):
         # The database went away, or the client did: it resumes later from its cursor.
@@ -1026,8 +1033,8 @@ def why_start_over(cursor):
         # Truncated rows or purged tombstones it never got, or a cursor from before a restore.
         return horizon_reason
     if cursor < log_start:
-        # Its catch-up would come from the table, change by change, and be longer than a fresh
-        # start: the newest page, which every client in a storm shares (one query for all).
+        # Its catch-up would come from the table, change by change, and may be longer than a
+        # fresh start: the newest page, which every client in a storm shares (one query for all).
         return TOO_FAR_BEHIND
     return ""
 
@@ -1156,7 +1163,7 @@ def usable(conn):
 
 
 # Reads take at most POOL_SIZE - 1 of the pool's connections at once: however many clients read,
-# a write always finds one free.
+# they never hold the last one, so a write waits at most for other writes.
 readers = gevent.lock.BoundedSemaphore(POOL_SIZE - 1)
 
 
@@ -1221,8 +1228,8 @@ def purge_old_tombstones(conn):
 
 
 # ==== hardening: hostile clients and pywsgi's edges ===========================================
-# Everything below keeps the lesson above true when clients are slow, broken or hostile, and
-# when the database misbehaves. Skip it on a first reading.
+# This section keeps the lesson true when clients are slow, broken or hostile (the database's
+# edges are the section above). Skip it on a first reading.
 
 # The Host names the app answers to, when it checks them (see check_request).
 allowed_hosts = {"localhost", "127.0.0.1", "::1"}
