@@ -234,6 +234,8 @@ WHERE_TO_START = """
     FROM log
     WHERE rows > 0
 """
+# Its parameters: down from above every version, as many changes as the log holds.
+LOG_WINDOW = {"top": ANY_VERSION, "rows": LOG_ROWS, "bytes": LOG_BYTES}
 
 
 def apply_schema():
@@ -244,12 +246,11 @@ def apply_schema():
     with contextlib.closing(connect(database_url)) as conn, conn, conn.cursor() as cur:
         # A standby (after a failover, stale DNS may still name the old primary) cannot be
         # written to, and has the primary's schema already: start, and let the listener say so.
-        cur.execute("SELECT pg_is_in_recovery() AS standby")
-        if not cur.fetchone().standby:
+        if not is_standby(conn):
             cur.execute(BOUNDED + schema)
         # app.py's names must be schema.sql's: a mismatch is said now, not at the first request.
         cur.execute(f"SELECT {ROW_JSON}(t) FROM {TABLE} AS t LIMIT 0")
-        cur.execute(WHERE_TO_START, {"top": ANY_VERSION, "rows": LOG_ROWS, "bytes": LOG_BYTES})
+        cur.execute(WHERE_TO_START, LOG_WINDOW)
         return cur.fetchone()
 
 
@@ -1908,8 +1909,7 @@ def start_worker_state():
     # without the database, at the supervisor's, and its listener reads what came since later.
     try:
         with contextlib.closing(connect(database_url)) as conn:
-            params = {"top": ANY_VERSION, "rows": LOG_ROWS, "bytes": LOG_BYTES}
-            latest_version = in_transaction(conn, WHERE_TO_START, params)[0].log_from
+            latest_version = in_transaction(conn, WHERE_TO_START, LOG_WINDOW)[0].log_from
             log_start = latest_version
     except psycopg2.Error as e:
         logging.warning("cannot read the newest version (%s); the listener will", first_line(e))
